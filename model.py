@@ -1,0 +1,348 @@
+"""
+A decoder-only transformer (GPT) in one file, for the GPT-2 and the LLaMA-3 families.
+
+Design choices, each a switch in GPTConfig:
+- positions: "learned" absolute embeddings added to the token embeddings (GPT-2), or "rope":
+  rotary embeddings applied to q and k in every layer (LLaMA), with the optional "llama3"
+  frequency scaling of Llama 3.1/3.2. RoPE pairs dimension i with i + head_dim/2 ("rotate half").
+- norm: "layernorm" (GPT-2) or "rmsnorm" (LLaMA), always before each sublayer (pre-norm), plus a
+  final norm before the unembedding.
+- mlp: "gelu" (4x wide, GPT-2), "swiglu" (LLaMA; hidden size 2/3 of 4x rounded up to a multiple),
+  or "relu2" (squared ReLU).
+- attention: n_kv_head < n_head is grouped-query attention (1 is multi-query); optional QK-norm.
+  Two paths with the same result: "fused" calls F.scaled_dot_product_attention (Flash kernels on
+  GPUs that have them), "explicit" spells out softmax(Q K^T / sqrt(d) + causal mask) V.
+- the lm_head may share its weight with the token embedding (tied, GPT-2) or not (LLaMA-3 8B).
+- init: N(0, 0.02) everywhere, residual output projections scaled by 1/sqrt(2 n_layer) (GPT-2).
+"""
+import math
+from dataclasses import dataclass, fields
+
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
+
+
+@dataclass
+class GPTConfig:
+    block_size: int = 1024        # longest context the model sees
+    vocab_size: int = 50304       # set from the dataset's meta.json by train.py
+    n_layer: int = 12             # transformer blocks
+    n_head: int = 12              # query heads per attention layer
+    n_kv_head: int = 0            # key/value heads; 0 means n_head (plain multi-head attention)
+    n_embd: int = 768             # width of the residual stream
+    head_dim: int = 0             # per-head width; 0 means n_embd // n_head
+    dropout: float = 0.0          # on attention weights, sublayer outputs and embeddings
+    bias: bool = True             # biases in Linear layers and LayerNorms
+    norm: str = "layernorm"       # layernorm | rmsnorm
+    norm_eps: float = 1e-5        # epsilon inside the norms
+    positions: str = "learned"    # learned | rope
+    rope_theta: float = 10000.0   # RoPE base period
+    rope_scaling: str = ""        # "" | llama3 (frequency scaling of Llama 3.1 / 3.2)
+    rope_factor: float = 8.0      # llama3 scaling: how much longer than the original context
+    rope_low_freq_factor: float = 1.0   # llama3 scaling: wavelengths above orig/low are divided by factor
+    rope_high_freq_factor: float = 4.0  # llama3 scaling: wavelengths below orig/high are kept
+    rope_original_context: int = 8192   # llama3 scaling: context length before scaling
+    mlp: str = "gelu"             # gelu | swiglu | relu2
+    mlp_hidden: int = 0           # MLP hidden width; 0: 4*n_embd (gelu, relu2) or LLaMA's rule (swiglu)
+    mlp_multiple_of: int = 256    # swiglu: round the default hidden width up to a multiple of this
+    qk_norm: bool = False         # RMS-normalise q and k per head before attention
+    tie_embeddings: bool = True   # lm_head shares the token embedding matrix
+    attn_impl: str = "fused"      # fused | explicit (same numbers; explicit is for reading and tests)
+
+    def __post_init__(self):
+        choices = {"norm": ("layernorm", "rmsnorm"), "positions": ("learned", "rope"),
+                   "mlp": ("gelu", "swiglu", "relu2"), "rope_scaling": ("", "llama3"),
+                   "attn_impl": ("fused", "explicit")}
+        for key, allowed in choices.items():
+            if getattr(self, key) not in allowed:
+                raise ValueError(f"{key}={getattr(self, key)!r} is not one of {', '.join(map(repr, allowed))}")
+        if self.n_kv_head == 0:
+            self.n_kv_head = self.n_head
+        if self.head_dim == 0:
+            if self.n_embd % self.n_head:
+                raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
+            self.head_dim = self.n_embd // self.n_head
+        if self.n_head % self.n_kv_head:
+            raise ValueError(f"n_head={self.n_head} is not divisible by n_kv_head={self.n_kv_head}")
+        if self.positions == "rope" and self.head_dim % 2:
+            raise ValueError(f"rope needs an even head_dim, got {self.head_dim}")
+        if self.mlp_hidden == 0:
+            if self.mlp == "swiglu":  # LLaMA: 2/3 of 4x keeps the parameter count of a 4x MLP
+                hidden, m = int(2 * 4 * self.n_embd / 3), self.mlp_multiple_of
+                self.mlp_hidden = m * ((hidden + m - 1) // m)
+            else:
+                self.mlp_hidden = 4 * self.n_embd
+
+    @classmethod
+    def keys(cls):
+        return [f.name for f in fields(cls)]
+
+
+# Published shapes. gpt2*: OpenAI's GPT-2 checkpoints. llama3.2-*: Meta's Llama 3.2 base models
+# (for reference and parameter counts). llama3-tiny: a LLaMA-style model that trains on a CPU.
+PRESETS = {
+    "gpt2":        dict(n_layer=12, n_head=12, n_embd=768, vocab_size=50257, block_size=1024),
+    "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024, vocab_size=50257, block_size=1024),
+    "gpt2-large":  dict(n_layer=36, n_head=20, n_embd=1280, vocab_size=50257, block_size=1024),
+    "gpt2-xl":     dict(n_layer=48, n_head=25, n_embd=1600, vocab_size=50257, block_size=1024),
+}
+_LLAMA = dict(norm="rmsnorm", positions="rope", mlp="swiglu", bias=False, rope_theta=500000.0)
+_LLAMA32 = dict(_LLAMA, rope_scaling="llama3", rope_factor=32.0, rope_original_context=8192,
+                vocab_size=128256, block_size=131072, tie_embeddings=True)
+PRESETS.update({
+    "llama3-tiny":  dict(_LLAMA, n_layer=4, n_head=4, n_kv_head=2, n_embd=128, mlp_hidden=384,
+                         tie_embeddings=False, block_size=256, rope_theta=10000.0),
+    "llama3.2-1b":  dict(_LLAMA32, n_layer=16, n_head=32, n_kv_head=8, n_embd=2048, mlp_hidden=8192),
+    "llama3.2-3b":  dict(_LLAMA32, n_layer=28, n_head=24, n_kv_head=8, n_embd=3072, mlp_hidden=8192),
+})
+
+
+def preset_config(name, **overrides):
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    return GPTConfig(**{**PRESETS[name], **overrides})
+
+
+# ----------------------------------------------------------------------------------------------
+# Small pure functions the modules compose
+
+def norm(x, weight, bias, kind, eps):
+    """LayerNorm (subtract the mean, divide by the std) or RMSNorm (divide by the root mean square)."""
+    if kind == "layernorm":
+        return F.layer_norm(x, (x.size(-1),), weight, bias, eps)
+    return F.rms_norm(x, (x.size(-1),), weight, eps)
+
+
+def rope_inv_freq(config):
+    """Rotation speed of each dimension pair: theta^(-2i/d), optionally scaled as in Llama 3.1."""
+    d = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d))  # (d/2,)
+    if config.rope_scaling == "llama3":
+        factor, orig = config.rope_factor, config.rope_original_context
+        low_wavelen = orig / config.rope_low_freq_factor    # longer wavelengths: slowed by factor
+        high_wavelen = orig / config.rope_high_freq_factor  # shorter wavelengths: unchanged
+        wavelen = 2 * math.pi / inv_freq
+        smooth = (orig / wavelen - config.rope_low_freq_factor) / (
+            config.rope_high_freq_factor - config.rope_low_freq_factor)
+        blended = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+        inv_freq = torch.where(wavelen > low_wavelen, inv_freq / factor,
+                               torch.where(wavelen < high_wavelen, inv_freq, blended))
+    return inv_freq
+
+
+def rope_cos_sin(config, seq_len):
+    """cos and sin of the rotation angle of every position and dimension pair, (T, d/2) each."""
+    t = torch.arange(seq_len, dtype=torch.float64)
+    angles = torch.outer(t, rope_inv_freq(config))  # (T, d/2)
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_rope(x, cos, sin):
+    """Rotate each pair (x_i, x_{i+d/2}) of x (B, H, T, d) by its position's angle."""
+    x1, x2 = x.chunk(2, dim=-1)  # (B, H, T, d/2) each
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+def explicit_attention(q, k, v, dropout):
+    """softmax(Q K^T / sqrt(d) + M) V with M = -inf above the diagonal: the textbook formula."""
+    T, S = q.size(-2), k.size(-2)
+    att = (q @ k.transpose(-2, -1)) / math.sqrt(q.size(-1))  # (B, H, T, S)
+    # query t sits at absolute position S - T + t and may look at keys up to that position
+    causal = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(diagonal=S - T)
+    att = att.masked_fill(~causal, float("-inf"))
+    att = F.softmax(att, dim=-1)
+    att = dropout(att)
+    return att @ v  # (B, H, T, d)
+
+
+# ----------------------------------------------------------------------------------------------
+# Modules
+
+class Norm(nn.Module):
+    def __init__(self, dim, kind, eps, bias):
+        super().__init__()
+        self.kind, self.eps = kind, eps
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.bias = nn.Parameter(torch.zeros(dim)) if bias and kind == "layernorm" else None
+
+    def forward(self, x):
+        return norm(x, self.weight, self.bias, self.kind, self.eps)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
+        self.impl, self.rope, self.dropout = config.attn_impl, config.positions == "rope", config.dropout
+        # q, k and v for all heads in one matrix: n_head query heads, n_kv_head key and value heads
+        qkv_dim = (config.n_head + 2 * config.n_kv_head) * config.head_dim
+        self.c_attn = nn.Linear(config.n_embd, qkv_dim, bias=config.bias)
+        self.c_proj = nn.Linear(config.n_head * config.head_dim, config.n_embd, bias=config.bias)
+        # QK-norm: RMSNorm over each head's q and k keeps attention logits bounded
+        self.q_norm = Norm(config.head_dim, "rmsnorm", config.norm_eps, False) if config.qk_norm else None
+        self.k_norm = Norm(config.head_dim, "rmsnorm", config.norm_eps, False) if config.qk_norm else None
+        self.attn_dropout = nn.Dropout(config.dropout)
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x, cos=None, sin=None):
+        B, T, C = x.size()
+        H, Hkv, d = self.n_head, self.n_kv_head, self.head_dim
+        q, k, v = self.c_attn(x).split([H * d, Hkv * d, Hkv * d], dim=2)
+        q = q.view(B, T, H, d).transpose(1, 2)    # (B, H, T, d)
+        k = k.view(B, T, Hkv, d).transpose(1, 2)  # (B, Hkv, T, d)
+        v = v.view(B, T, Hkv, d).transpose(1, 2)  # (B, Hkv, T, d)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.rope:
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.impl == "fused":
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0,
+                                               is_causal=True, enable_gqa=Hkv != H)
+        else:
+            # each group of H/Hkv consecutive query heads shares one key/value head
+            k, v = k.repeat_interleave(H // Hkv, dim=1), v.repeat_interleave(H // Hkv, dim=1)
+            y = explicit_attention(q, k, v, self.attn_dropout)
+        y = y.transpose(1, 2).contiguous().view(B, T, H * d)  # re-assemble heads side by side
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.kind = config.mlp
+        # swiglu needs two input projections (gate and up); they share one matrix
+        fc_out = 2 * config.mlp_hidden if self.kind == "swiglu" else config.mlp_hidden
+        self.c_fc = nn.Linear(config.n_embd, fc_out, bias=config.bias)
+        self.c_proj = nn.Linear(config.mlp_hidden, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        h = self.c_fc(x)  # (B, T, hidden) or (B, T, 2*hidden)
+        if self.kind == "gelu":
+            h = F.gelu(h)
+        elif self.kind == "relu2":
+            h = F.relu(h).square()
+        else:
+            gate, up = h.chunk(2, dim=-1)
+            h = F.silu(gate) * up
+        return self.dropout(self.c_proj(h))
+
+
+class Block(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.ln_1 = Norm(config.n_embd, config.norm, config.norm_eps, config.bias)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = Norm(config.n_embd, config.norm, config.norm_eps, config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cos=None, sin=None):
+        x = x + self.attn(self.ln_1(x), cos, sin)
+        x = x + self.mlp(self.ln_2(x))
+        return x
+
+
+class GPT(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+            ln_f=Norm(config.n_embd, config.norm, config.norm_eps, config.bias),
+        ))
+        if config.positions == "learned":
+            self.transformer.wpe = nn.Embedding(config.block_size, config.n_embd)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.transformer.wte.weight = self.lm_head.weight
+        if config.positions == "rope":  # computed once; not saved in checkpoints
+            cos, sin = rope_cos_sin(config, config.block_size)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):  # residual branches add up over 2 n_layer sublayers
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    def _init_weights(self, module):
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def get_num_params(self, non_embedding=True):
+        """Parameters, counted once when tied; non_embedding drops the position table (as GPT-2 counts)."""
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding and "wpe" in self.transformer:
+            n -= self.transformer.wpe.weight.numel()
+        return n
+
+    def forward(self, idx, targets=None, label_smoothing=0.0):
+        """idx (B, T) token ids -> logits (B, T, vocab); with targets (B, T), also the mean
+        cross-entropy over the positions whose target is not -1."""
+        B, T = idx.size()
+        if T > self.config.block_size:
+            raise ValueError(f"sequence of length {T} is longer than block_size {self.config.block_size}")
+        x = self.transformer.wte(idx)  # (B, T, C)
+        cos = sin = None
+        if self.config.positions == "learned":
+            pos = torch.arange(T, dtype=torch.long, device=idx.device)
+            x = x + self.transformer.wpe(pos)  # (T, C) broadcast over the batch
+        else:
+            cos, sin = self.rope_cos[:T], self.rope_sin[:T]  # (T, d/2)
+        x = self.transformer.drop(x)
+        for block in self.transformer.h:
+            x = block(x, cos, sin)
+        x = self.transformer.ln_f(x)
+        logits = self.lm_head(x)  # (B, T, vocab)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1),
+                                   ignore_index=-1, label_smoothing=label_smoothing)
+        return logits, loss
+
+    def crop_block_size(self, block_size):
+        """Shrink the context window, e.g. to fine-tune GPT-2 (1024) at a smaller block_size."""
+        assert block_size <= self.config.block_size
+        self.config.block_size = block_size
+        if "wpe" in self.transformer:
+            self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size])
+        else:
+            self.rope_cos, self.rope_sin = self.rope_cos[:block_size], self.rope_sin[:block_size]
+
+    def flops_per_token(self):
+        """Training FLOPs per token: 6 per parameter (forward + backward) plus attention scores
+        and weighted sums, 6 * 2 * n_layer * n_head * head_dim * T (PaLM paper, appendix B)."""
+        cfg = self.config
+        n = self.get_num_params()
+        return 6 * n + 12 * cfg.n_layer * cfg.n_head * cfg.head_dim * cfg.block_size
+
+    def estimate_mfu(self, tokens_per_iter, dt, peak_flops):
+        """Model FLOPs utilisation: achieved training FLOP/s over the device's peak."""
+        return self.flops_per_token() * tokens_per_iter / dt / peak_flops
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None):
+        """Append max_new_tokens sampled tokens to idx (B, T). temperature 0 takes the most likely
+        token; top_k keeps only the k most likely. The context is cut to the last block_size tokens."""
+        for _ in range(max_new_tokens):
+            idx_cond = idx[:, -self.config.block_size:]
+            logits, _ = self(idx_cond)
+            logits = logits[:, -1, :]  # (B, vocab)
+            if temperature == 0:
+                idx_next = logits.argmax(dim=-1, keepdim=True)
+            else:
+                logits = logits / temperature
+                if top_k is not None:
+                    v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+                    logits[logits < v[:, [-1]]] = float("-inf")
+                probs = F.softmax(logits, dim=-1)
+                idx_next = torch.multinomial(probs, num_samples=1)  # (B, 1)
+            idx = torch.cat((idx, idx_next), dim=1)
+        return idx

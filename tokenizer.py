@@ -1,0 +1,405 @@
+"""
+Tokenizers: text <-> token ids, for prepare.py, train.py and sample.py.
+
+Kinds, each rebuilt from the "tokenizer" entry of a dataset's meta.json:
+- char: one token per distinct character of the corpus (the alphabet is stored in meta.json).
+- gpt2: OpenAI's GPT-2 byte-level BPE, 50,257 tokens, through tiktoken.
+- bpe: a byte-level BPE trained here by train_bpe() and saved as tokenizer.json next to the
+  dataset; encoding and decoding run through tiktoken with the learned ranks.
+
+Every tokenizer has the same small surface: encode(text) -> list[int], decode(ids) -> str,
+vocab_size, eot_token (the end-of-text id, or None), and meta() -> the JSON-able dict that
+rebuilds it. Text never produces special tokens: encode() treats "<|endoftext|>" in a
+document as ordinary characters, so only prepare.py decides where documents end.
+
+BPE trainer design choices:
+- Byte-level: the 256 byte values are ids 0..255, so any UTF-8 text round-trips exactly.
+- Text is first cut into chunks by a regex (GPT-2's or GPT-4's cl100k pattern); merges never
+  cross chunk boundaries. Identical chunks are counted once (chunk -> frequency).
+- Pair counts are kept incrementally: pair -> count, and pair -> ids of the chunks holding it.
+  A merge rewrites only those chunks (subtract their old pairs, add their new ones).
+- The next merge comes from a max-heap with lazy invalidation: stale entries are dropped or
+  re-filed when popped, instead of scanning every pair each step.
+- Ties: the highest count wins, then the smallest (id_a, id_b); ids below 256 are byte
+  values, so among single bytes this is byte order, and older tokens win over newer ones.
+- Tokens are byte strings and ids are tiktoken ranks, so each byte string has one id. If a
+  pair concatenates to bytes that are already a token (a second merge path to the same
+  bytes), it is merged into that existing id: an "alias" merge that adds no token. tiktoken
+  does the same: it merges any adjacent pair whose bytes are in the vocabulary.
+- Special tokens take the ids after the last learned token; vocab_size counts them. A corpus
+  that runs out of pairs gives a smaller vocabulary, never one with holes.
+- tokenizer.json is plain JSON (no pickle): the pattern, the merges [id_a, id_b, id] in the
+  order learned, the special tokens, and a "vocab" list of pieces that is only for reading.
+"""
+import argparse
+import heapq
+import json
+import sys
+import time
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+
+class TokenizerError(ValueError):
+    """Text or settings a tokenizer cannot handle; the message says what to do."""
+
+
+class CharTokenizer:
+    kind = "char"
+    eot_token = None
+
+    def __init__(self, chars):
+        self.chars = "".join(chars)
+        self.stoi = {ch: i for i, ch in enumerate(self.chars)}
+        if len(self.stoi) != len(self.chars):
+            raise TokenizerError("char tokenizer: the alphabet has repeated characters")
+        self.vocab_size = len(self.chars)
+
+    @classmethod
+    def from_text(cls, text):
+        return cls(sorted(set(text)))
+
+    def encode(self, text):
+        try:
+            return [self.stoi[ch] for ch in text]
+        except KeyError:
+            missing = sorted({ch for ch in text if ch not in self.stoi})
+            shown = ", ".join(repr(ch) for ch in missing[:10])
+            raise TokenizerError(f"characters not in this char-level vocabulary: {shown}; "
+                                 f"use only characters of the training corpus") from None
+
+    def decode(self, ids):
+        return "".join(self.chars[i] for i in ids)
+
+    def decode_bytes(self, ids):
+        return self.decode(ids).encode("utf-8")
+
+    def meta(self):
+        return {"kind": self.kind, "chars": self.chars}
+
+
+class TiktokenTokenizer:
+    """A tiktoken.Encoding behind the common surface (GPT-2's BPE, or one trained here)."""
+
+    def __init__(self, enc, kind, meta_extra=None):
+        self.enc = enc
+        self.kind = kind
+        self.vocab_size = enc.n_vocab
+        # enc.eot_token raises KeyError when there is no <|endoftext|>
+        self.eot_token = enc.eot_token if "<|endoftext|>" in enc.special_tokens_set else None
+        self._meta_extra = meta_extra or {}
+
+    def encode(self, text):
+        return self.enc.encode_ordinary(text)
+
+    def encode_batch(self, texts, num_threads=8):
+        return self.enc.encode_ordinary_batch(texts, num_threads=num_threads)
+
+    def decode(self, ids):
+        return self.enc.decode(list(ids))
+
+    def decode_bytes(self, ids):
+        return self.enc.decode_bytes(list(ids))
+
+    def meta(self):
+        return {"kind": self.kind, **self._meta_extra}
+
+
+def gpt2_tokenizer():
+    import tiktoken
+    try:
+        enc = tiktoken.get_encoding("gpt2")
+    except Exception as e:  # tiktoken downloads the vocabulary once; offline it fails here
+        raise TokenizerError(
+            f"could not load GPT-2's vocabulary ({type(e).__name__}); offline, point "
+            f"TIKTOKEN_CACHE_DIR at a directory holding tiktoken's cached gpt2 files") from None
+    return TiktokenTokenizer(enc, "gpt2")
+
+
+def load_tokenizer(meta, data_dir=None):
+    """Rebuild the tokenizer described by meta.json's "tokenizer" entry."""
+    kind = meta.get("kind")
+    if kind == "char":
+        return CharTokenizer(meta["chars"])
+    if kind == "gpt2":
+        return gpt2_tokenizer()
+    if kind == "bpe":
+        if data_dir is None:
+            raise TokenizerError("a bpe tokenizer is loaded from its dataset folder; pass data_dir")
+        return bpe_tokenizer_from_file(Path(data_dir) / meta.get("file", BPE_FILE))
+    raise TokenizerError(f"unknown tokenizer kind {kind!r} in meta.json; "
+                         f"re-run prepare.py to rebuild the dataset")
+
+
+class StreamDecoder:
+    """Turns token ids into text as they arrive, holding back an incomplete UTF-8 character.
+
+    A byte-level BPE token can end in the middle of a multi-byte character; decoding each
+    token alone would print replacement characters. feed() returns only complete text.
+    """
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.pending = b""
+
+    def feed(self, ids):
+        data = self.pending + self.tokenizer.decode_bytes(ids)
+        cut = _complete_utf8_prefix(data)
+        self.pending = data[cut:]
+        return data[:cut].decode("utf-8", errors="replace")
+
+    def flush(self):
+        text, self.pending = self.pending.decode("utf-8", errors="replace"), b""
+        return text
+
+
+def _complete_utf8_prefix(data):
+    """Length of the longest prefix of data that does not end inside a UTF-8 character."""
+    # look back at most 3 bytes for the lead byte of an unfinished character
+    for back in range(1, min(4, len(data)) + 1):
+        b = data[-back]
+        if b & 0xC0 == 0x80:  # continuation byte: keep looking for the lead byte
+            continue
+        need = 1 if b < 0x80 else 2 if b >> 5 == 0b110 else 3 if b >> 4 == 0b1110 else 4 if b >> 3 == 0b11110 else 1
+        return len(data) - back if need > back else len(data)
+    return len(data)
+
+
+# ----------------------------------------------------------------------------- byte-level BPE
+
+# The pre-split patterns, exactly as tiktoken defines GPT-2's (r50k) and GPT-4's (cl100k).
+GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
+GPT4_PATTERN = (r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+| ?[^\s\p{L}\p{N}]++[\r\n]*+"""
+                r"""|\s++$|\s*[\r\n]|\s+(?!\S)|\s""")
+PATTERNS = {"gpt2": GPT2_PATTERN, "gpt4": GPT4_PATTERN}
+BPE_FILE = "tokenizer.json"  # the file name a dataset's meta.json points at
+
+
+@dataclass
+class BPE:
+    """A trained byte-level BPE: what encoding, decoding and saving need."""
+    pattern_name: str     # "gpt2" or "gpt4"
+    pattern: str          # the pre-split regex itself
+    vocab: list           # id -> bytes for every ordinary token; ids 0..255 are single bytes
+    merges: list          # (id_a, id_b, id) in the order learned; id may be an older token's
+    special_tokens: dict  # str -> id, after the last ordinary id
+
+    @property
+    def n_vocab(self):
+        return len(self.vocab) + len(self.special_tokens)
+
+
+@lru_cache(maxsize=None)
+def _compile(pattern):
+    # tiktoken compiles the pattern in Rust; the trainer needs its own copy for splitting
+    try:
+        import regex  # the re module lacks \p{L} and possessive quantifiers; tiktoken needs regex
+    except ImportError:
+        raise TokenizerError("the BPE trainer needs the 'regex' package: pip install regex") from None
+    return regex.compile(pattern)
+
+
+def _pattern_by_name(name):
+    if name not in PATTERNS:
+        raise TokenizerError(f"unknown split pattern {name!r}; choose one of {sorted(PATTERNS)}")
+    return PATTERNS[name]
+
+
+def _count_chunks(texts, pattern):
+    """Cut every document into pre-split chunks and count each distinct chunk."""
+    if isinstance(texts, str):  # one string is one document, not an iterable of characters
+        texts = [texts]
+    split = _compile(pattern).findall
+    counts = Counter()
+    for text in texts:
+        counts.update(split(text))
+    return counts
+
+
+def _count_pairs(words, freqs):
+    """Count adjacent pairs over all chunks, and note which chunks hold each pair."""
+    counts = defaultdict(int)
+    where = defaultdict(set)
+    for wid, (word, freq) in enumerate(zip(words, freqs)):
+        for pair in zip(word, word[1:]):
+            counts[pair] += freq
+            where[pair].add(wid)
+    return counts, where
+
+
+def _merge_word(word, a, b, new):
+    """Replace each (a, b) in word by new, scanning left to right ("aaa" -> "aa" "a")."""
+    out = []
+    i = 0
+    while i < len(word):
+        if word[i] == a and i + 1 < len(word) and word[i + 1] == b:
+            out.append(new)
+            i += 2
+        else:
+            out.append(word[i])
+            i += 1
+    return out
+
+
+def _apply_merge(pair, new, words, freqs, counts, where):
+    """Merge pair into new in the chunks that hold it; return the pairs whose counts grew."""
+    a, b = pair
+    grown = set()
+    for wid in where.pop(pair):
+        word = words[wid]
+        merged = _merge_word(word, a, b, new)
+        if len(merged) == len(word):  # stale entry: an earlier merge already took this pair
+            continue
+        freq = freqs[wid]
+        for p in zip(word, word[1:]):
+            counts[p] -= freq
+        for p in zip(merged, merged[1:]):
+            counts[p] += freq
+            where[p].add(wid)
+            if new in p:  # only pairs holding the new token can grow; the rest only shrink
+                grown.add(p)
+        words[wid] = merged
+    del counts[pair]  # every occurrence is merged, so its count is now 0
+    return grown
+
+
+def _pop_best(heap, counts):
+    """Pop the pair with the highest count (then the smallest ids); None when no pair is left.
+
+    Heap entries are (-count, pair) as the count was when pushed. Counts only shrink after a
+    push, except for pairs re-pushed by the merge loop, so an entry whose count is still
+    right is the true maximum; a stale one is re-filed under its current count.
+    """
+    while heap:
+        neg_count, pair = heapq.heappop(heap)
+        count = counts.get(pair, 0)
+        if count == -neg_count:
+            return pair, count
+        if count > 0:
+            heapq.heappush(heap, (-count, pair))
+    return None, 0
+
+
+def train_bpe(texts, vocab_size, pattern="gpt4", special_tokens=("<|endoftext|>",), verbose=False):
+    """Learn a byte-level BPE of vocab_size tokens (special tokens included) from texts.
+
+    texts: an iterable of documents (str); pattern: "gpt2" or "gpt4", the pre-split regex.
+    """
+    pattern_str = _pattern_by_name(pattern)
+    special_tokens = list(dict.fromkeys(special_tokens))  # drop repeats, keep order
+    n_ordinary = vocab_size - len(special_tokens)
+    if n_ordinary < 256:
+        raise TokenizerError(f"vocab_size {vocab_size} is too small: a byte-level BPE needs 256 "
+                             f"byte tokens plus {len(special_tokens)} special tokens")
+
+    chunk_counts = _count_chunks(texts, pattern_str)
+    words = [list(chunk.encode("utf-8")) for chunk in chunk_counts]  # each chunk as byte ids
+    freqs = list(chunk_counts.values())
+    counts, where = _count_pairs(words, freqs)
+    heap = [(-count, pair) for pair, count in counts.items()]
+    heapq.heapify(heap)
+
+    vocab = [bytes([i]) for i in range(256)]
+    id_of = {piece: i for i, piece in enumerate(vocab)}
+    merges = []
+    while len(vocab) < n_ordinary:
+        pair, count = _pop_best(heap, counts)
+        if pair is None:  # every chunk is a single token: nothing left to merge
+            break
+        piece = vocab[pair[0]] + vocab[pair[1]]
+        new = id_of.get(piece)
+        if new is None:  # the usual case: new bytes, new token
+            new = len(vocab)
+            vocab.append(piece)
+            id_of[piece] = new
+        merges.append((pair[0], pair[1], new))
+        for p in _apply_merge(pair, new, words, freqs, counts, where):
+            heapq.heappush(heap, (-counts[p], p))
+        if verbose and (len(merges) % 256 == 0 or len(vocab) == n_ordinary):
+            print(f"merge {len(merges)}: {pair} -> {new} {piece!r} ({count} times)")
+
+    if verbose and len(vocab) < n_ordinary:
+        print(f"the corpus ran out of pairs: {len(vocab) + len(special_tokens)} tokens, "
+              f"not {vocab_size}")
+    specials = {s: len(vocab) + i for i, s in enumerate(special_tokens)}
+    return BPE(pattern, pattern_str, vocab, merges, specials)
+
+
+def reference_encode(bpe, text):
+    """Encode text the slow, plain way: apply the learned merges, earliest first, per chunk.
+
+    For tests: tiktoken with our ranks must give the same ids. Special tokens are ordinary text.
+    """
+    rank = {(a, b): (i, new) for i, (a, b, new) in enumerate(bpe.merges)}
+    ids = []
+    for chunk in _compile(bpe.pattern).findall(text):
+        word = list(chunk.encode("utf-8"))
+        while len(word) > 1:
+            # the earliest-learned merge that applies to this chunk now
+            pair = min(zip(word, word[1:]), key=lambda p: rank.get(p, (len(rank),)))
+            if pair not in rank:
+                break
+            word = _merge_word(word, pair[0], pair[1], rank[pair][1])
+        ids.extend(word)
+    return ids
+
+
+def _piece_text(piece):
+    """Bytes as readable text: UTF-8 where valid, \\xNN escapes elsewhere."""
+    return piece.decode("utf-8", errors="backslashreplace")
+
+
+def save_bpe(path, bpe):
+    """Write bpe as readable JSON; the "vocab" list is for people and is ignored on loading."""
+    data = {
+        "kind": "bpe",
+        "pattern": {"name": bpe.pattern_name, "regex": bpe.pattern},
+        "vocab_size": bpe.n_vocab,
+        "special_tokens": bpe.special_tokens,
+        "merges": [list(m) for m in bpe.merges],
+        "vocab": [_piece_text(piece) for piece in bpe.vocab] + list(bpe.special_tokens),
+    }
+    Path(path).write_text(json.dumps(data, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
+
+
+def load_bpe(path):
+    """Read a tokenizer.json written by save_bpe; the token bytes are rebuilt from the merges."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        pattern = data["pattern"]
+        merges = [tuple(m) for m in data["merges"]]
+        specials = data["special_tokens"]
+    except OSError as e:
+        raise TokenizerError(f"cannot read BPE tokenizer {path}: {e.strerror}") from None
+    except (ValueError, KeyError, TypeError) as e:
+        raise TokenizerError(f"{path} is not a BPE tokenizer.json ({type(e).__name__}: {e})") from None
+    vocab = [bytes([i]) for i in range(256)]
+    for a, b, new in merges:
+        if not (a < len(vocab) and b < len(vocab) and new <= len(vocab)):
+            raise TokenizerError(f"{path}: merge {[a, b, new]} uses an id not defined before it")
+        if new == len(vocab):
+            vocab.append(vocab[a] + vocab[b])
+        elif vocab[new] != vocab[a] + vocab[b]:
+            raise TokenizerError(f"{path}: merge {[a, b, new]} does not give token {new}'s bytes")
+    if sorted(specials.values()) != list(range(len(vocab), len(vocab) + len(specials))):
+        raise TokenizerError(f"{path}: special token ids must follow the last merged token")
+    return BPE(pattern["name"], pattern["regex"], vocab, merges, specials)
+
+
+def bpe_tokenizer(bpe, file=BPE_FILE):
+    """Wrap a trained BPE in tiktoken; file is the name meta() records for load_tokenizer."""
+    import tiktoken
+    enc = tiktoken.Encoding(
+        name=f"bpe-{bpe.pattern_name}-{bpe.n_vocab}",
+        pat_str=bpe.pattern,
+        mergeable_ranks={piece: i for i, piece in enumerate(bpe.vocab)},  # rank = id
+        special_tokens=dict(bpe.special_tokens),
+        explicit_n_vocab=bpe.n_vocab,  # checks that ids run 0..n_vocab-1 without holes
+    )
+    return TiktokenTokenizer(enc, "bpe", {"file": file})
+
+
+def bpe_tokenizer_from_file(path):
+    return bpe_tokenizer(load_bpe(path), Path(path).name)
