@@ -14,6 +14,7 @@ documents (files of a folder) go whole to train or val, every round(1/val_fracti
 Large inputs are read in pieces, so memory stays bounded; the same input gives the same bytes.
 """
 import argparse
+import codecs
 import json
 import os
 import sys
@@ -77,21 +78,20 @@ def safe_cut(text):
 
 def read_pieces(path, start=0, end=None):
     """Text of bytes [start, end) of a UTF-8 file, in pieces of about PIECE_BYTES cut at safe places."""
+    decoder = codecs.getincrementaldecoder("utf-8")()  # holds a character split between two reads
     with open(path, "rb") as f:
         f.seek(start)
         remaining = (os.path.getsize(path) if end is None else end) - start
-        carry = ""
+        carry, offset = "", start
         while remaining > 0:
             raw = f.read(min(PIECE_BYTES, remaining))
             remaining -= len(raw)
-            while remaining > 0 and (raw[-1] & 0xC0) == 0x80:  # finish a split UTF-8 character
-                more = f.read(1)
-                raw, remaining = raw + more, remaining - 1
             try:
-                text = carry + raw.decode("utf-8")
+                text = carry + decoder.decode(raw, final=remaining == 0)
             except UnicodeDecodeError as e:
-                raise PrepareError(f"{path} is not UTF-8 text (bad byte at offset {start + e.start}); "
+                raise PrepareError(f"{path} is not UTF-8 text (bad byte near offset {offset + e.start}); "
                                    f"convert it to UTF-8 first") from None
+            offset += len(raw)
             cut = safe_cut(text) if remaining > 0 else len(text)
             if cut <= 0:
                 carry = text  # no safe place yet: read on
@@ -110,7 +110,12 @@ def split_point(path, val_fraction):
         f.seek(target)
         tail = f.read(1 << 16)
     nl = tail.find(b"\n")
-    return target + nl + 1 if nl >= 0 else target
+    if nl >= 0:
+        return target + nl + 1
+    skip = 0  # no line break near: step to the start of the next UTF-8 character
+    while skip < len(tail) and tail[skip] & 0xC0 == 0x80:
+        skip += 1
+    return target + skip
 
 
 def plan_documents(files, val_fraction):

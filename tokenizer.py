@@ -22,10 +22,13 @@ BPE trainer design choices:
   re-filed when popped, instead of scanning every pair each step.
 - Ties: the highest count wins, then the smallest (id_a, id_b); ids below 256 are byte
   values, so among single bytes this is byte order, and older tokens win over newer ones.
-- Tokens are byte strings and ids are tiktoken ranks, so each byte string has one id. If a
-  pair concatenates to bytes that are already a token (a second merge path to the same
-  bytes), it is merged into that existing id: an "alias" merge that adds no token. tiktoken
-  does the same: it merges any adjacent pair whose bytes are in the vocabulary.
+- Ids are tiktoken ranks (bytes -> rank), so each byte string must have exactly one id. A
+  second merge path to bytes that are already a token cannot arise here: merges apply to
+  every chunk, left to right, so a run of whole tokens splits the same way on its own as in
+  its chunk, and bytes that form one token can never also sit as two adjacent tokens.
+  train_bpe still checks: such a pair would be merged into the existing id (an "alias"
+  merge, no new token), which is what tiktoken does with any pair whose bytes are a token.
+  The same argument is why tiktoken, ranking byte strings, reproduces our merge order.
 - Special tokens take the ids after the last learned token; vocab_size counts them. A corpus
   that runs out of pairs gives a smaller vocabulary, never one with holes.
 - tokenizer.json is plain JSON (no pickle): the pattern, the merges [id_a, id_b, id] in the
@@ -170,9 +173,10 @@ def _complete_utf8_prefix(data):
 # ----------------------------------------------------------------------------- byte-level BPE
 
 # The pre-split patterns, exactly as tiktoken defines GPT-2's (r50k) and GPT-4's (cl100k).
-GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
-GPT4_PATTERN = (r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+| ?[^\s\p{L}\p{N}]++[\r\n]*+"""
-                r"""|\s++$|\s*[\r\n]|\s+(?!\S)|\s""")
+GPT2_PATTERN = (r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++"""
+                r"""|\s++$|\s+(?!\S)|\s""")
+GPT4_PATTERN = (r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+"""
+                r"""| ?[^\s\p{L}\p{N}]++[\r\n]*+|\s++$|\s*[\r\n]|\s+(?!\S)|\s""")
 PATTERNS = {"gpt2": GPT2_PATTERN, "gpt4": GPT4_PATTERN}
 BPE_FILE = "tokenizer.json"  # the file name a dataset's meta.json points at
 
@@ -183,7 +187,7 @@ class BPE:
     pattern_name: str     # "gpt2" or "gpt4"
     pattern: str          # the pre-split regex itself
     vocab: list           # id -> bytes for every ordinary token; ids 0..255 are single bytes
-    merges: list          # (id_a, id_b, id) in the order learned; id may be an older token's
+    merges: list          # (id_a, id_b, id) in the order learned; id is the new token
     special_tokens: dict  # str -> id, after the last ordinary id
 
     @property
@@ -193,11 +197,12 @@ class BPE:
 
 @lru_cache(maxsize=None)
 def _compile(pattern):
-    # tiktoken compiles the pattern in Rust; the trainer needs its own copy for splitting
+    """The pre-split regex for the trainer (tiktoken compiles its own copy in Rust)."""
     try:
-        import regex  # the re module lacks \p{L} and possessive quantifiers; tiktoken needs regex
+        import regex  # re lacks \p{L} and possessive quantifiers; regex comes with tiktoken
     except ImportError:
-        raise TokenizerError("the BPE trainer needs the 'regex' package: pip install regex") from None
+        raise TokenizerError("the BPE trainer needs the 'regex' package: "
+                             "pip install regex") from None
     return regex.compile(pattern)
 
 
@@ -268,9 +273,10 @@ def _apply_merge(pair, new, words, freqs, counts, where):
 def _pop_best(heap, counts):
     """Pop the pair with the highest count (then the smallest ids); None when no pair is left.
 
-    Heap entries are (-count, pair) as the count was when pushed. Counts only shrink after a
-    push, except for pairs re-pushed by the merge loop, so an entry whose count is still
-    right is the true maximum; a stale one is re-filed under its current count.
+    Heap entries are (-count, pair), the count when pushed. A pair's count only shrinks after
+    a push, or else the merge loop pushes it again, so every live pair has an entry at least
+    as high as its count: an entry whose count is still right is the true maximum, and a
+    stale one is re-filed under its current count (or dropped at zero).
     """
     while heap:
         neg_count, pair = heapq.heappop(heap)
@@ -288,6 +294,8 @@ def train_bpe(texts, vocab_size, pattern="gpt4", special_tokens=("<|endoftext|>"
     texts: an iterable of documents (str); pattern: "gpt2" or "gpt4", the pre-split regex.
     """
     pattern_str = _pattern_by_name(pattern)
+    if isinstance(special_tokens, str):  # one token, not a list of its characters
+        special_tokens = [special_tokens]
     special_tokens = list(dict.fromkeys(special_tokens))  # drop repeats, keep order
     n_ordinary = vocab_size - len(special_tokens)
     if n_ordinary < 256:
@@ -328,20 +336,21 @@ def train_bpe(texts, vocab_size, pattern="gpt4", special_tokens=("<|endoftext|>"
 
 
 def reference_encode(bpe, text):
-    """Encode text the slow, plain way: apply the learned merges, earliest first, per chunk.
+    """Encode text the slow, plain way: in each chunk, apply the learned merges in order.
 
     For tests: tiktoken with our ranks must give the same ids. Special tokens are ordinary text.
     """
-    rank = {(a, b): (i, new) for i, (a, b, new) in enumerate(bpe.merges)}
+    merge_index = {(a, b): i for i, (a, b, _) in enumerate(bpe.merges)}
     ids = []
     for chunk in _compile(bpe.pattern).findall(text):
         word = list(chunk.encode("utf-8"))
-        while len(word) > 1:
-            # the earliest-learned merge that applies to this chunk now
-            pair = min(zip(word, word[1:]), key=lambda p: rank.get(p, (len(rank),)))
-            if pair not in rank:
+        while True:
+            # the earliest-learned merge that applies to this chunk now, if any
+            found = [merge_index[p] for p in zip(word, word[1:]) if p in merge_index]
+            if not found:
                 break
-            word = _merge_word(word, pair[0], pair[1], rank[pair][1])
+            a, b, new = bpe.merges[min(found)]
+            word = _merge_word(word, a, b, new)
         ids.extend(word)
     return ids
 
@@ -351,33 +360,42 @@ def _piece_text(piece):
     return piece.decode("utf-8", errors="backslashreplace")
 
 
+def _json_list(items):
+    """A JSON list with one item per line, so the file reads top to bottom."""
+    return "[\n" + ",\n".join("  " + json.dumps(x, ensure_ascii=False) for x in items) + "\n ]"
+
+
 def save_bpe(path, bpe):
     """Write bpe as readable JSON; the "vocab" list is for people and is ignored on loading."""
-    data = {
+    fields = {
         "kind": "bpe",
         "pattern": {"name": bpe.pattern_name, "regex": bpe.pattern},
         "vocab_size": bpe.n_vocab,
         "special_tokens": bpe.special_tokens,
-        "merges": [list(m) for m in bpe.merges],
-        "vocab": [_piece_text(piece) for piece in bpe.vocab] + list(bpe.special_tokens),
     }
-    Path(path).write_text(json.dumps(data, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
+    pieces = [[i, _piece_text(piece)] for i, piece in enumerate(bpe.vocab)]
+    pieces += [[i, s] for s, i in bpe.special_tokens.items()]
+    parts = [f" {json.dumps(k)}: {json.dumps(v, ensure_ascii=False)}" for k, v in fields.items()]
+    parts.append(f' "merges": {_json_list([list(m) for m in bpe.merges])}')
+    parts.append(f' "vocab": {_json_list(pieces)}')
+    Path(path).write_text("{\n" + ",\n".join(parts) + "\n}\n", encoding="utf-8")
 
 
 def load_bpe(path):
     """Read a tokenizer.json written by save_bpe; the token bytes are rebuilt from the merges."""
     try:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
-        pattern = data["pattern"]
-        merges = [tuple(m) for m in data["merges"]]
-        specials = data["special_tokens"]
+        pattern_name, pattern = data["pattern"]["name"], data["pattern"]["regex"]
+        merges = [(int(a), int(b), int(new)) for a, b, new in data["merges"]]
+        specials = {str(s): int(i) for s, i in data["special_tokens"].items()}
     except OSError as e:
         raise TokenizerError(f"cannot read BPE tokenizer {path}: {e.strerror}") from None
-    except (ValueError, KeyError, TypeError) as e:
-        raise TokenizerError(f"{path} is not a BPE tokenizer.json ({type(e).__name__}: {e})") from None
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise TokenizerError(f"{path} is not a BPE tokenizer.json "
+                             f"({type(e).__name__}: {e})") from None
     vocab = [bytes([i]) for i in range(256)]
     for a, b, new in merges:
-        if not (a < len(vocab) and b < len(vocab) and new <= len(vocab)):
+        if not (0 <= a < len(vocab) and 0 <= b < len(vocab) and 0 <= new <= len(vocab)):
             raise TokenizerError(f"{path}: merge {[a, b, new]} uses an id not defined before it")
         if new == len(vocab):
             vocab.append(vocab[a] + vocab[b])
@@ -385,7 +403,7 @@ def load_bpe(path):
             raise TokenizerError(f"{path}: merge {[a, b, new]} does not give token {new}'s bytes")
     if sorted(specials.values()) != list(range(len(vocab), len(vocab) + len(specials))):
         raise TokenizerError(f"{path}: special token ids must follow the last merged token")
-    return BPE(pattern["name"], pattern["regex"], vocab, merges, specials)
+    return BPE(pattern_name, pattern, vocab, merges, specials)
 
 
 def bpe_tokenizer(bpe, file=BPE_FILE):
@@ -403,3 +421,126 @@ def bpe_tokenizer(bpe, file=BPE_FILE):
 
 def bpe_tokenizer_from_file(path):
     return bpe_tokenizer(load_bpe(path), Path(path).name)
+
+
+# ----------------------------------------------------------------------------- command line
+
+def _read_text(path):
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise TokenizerError(f"{path} is not UTF-8 text") from None
+    except OSError as e:
+        raise TokenizerError(f"cannot read {path}: {e.strerror}") from None
+
+
+def _meta_tokenizer(data_dir):
+    """The "tokenizer" entry of data_dir/meta.json."""
+    path = Path(data_dir) / "meta.json"
+    text = _read_text(path)
+    try:
+        return json.loads(text)["tokenizer"]
+    except (ValueError, KeyError, TypeError):
+        raise TokenizerError(f"{path} has no \"tokenizer\" entry; re-run prepare.py") from None
+
+
+def _cli_tokenizer(kind, data_dir, file):
+    """The tokenizer the options name; with no --tokenizer, the one --data or --file implies."""
+    if kind is None and file:
+        kind = "bpe"
+    elif kind is None:
+        kind = _meta_tokenizer(data_dir).get("kind") if data_dir else "gpt2"
+    if kind == "gpt2":
+        return gpt2_tokenizer()
+    if kind == "bpe" and file:
+        return bpe_tokenizer_from_file(file)
+    if data_dir is None:
+        extra = " or --file tokenizer.json" if kind == "bpe" else ""
+        raise TokenizerError(f"--tokenizer {kind} needs --data DIR, "
+                             f"a prepared dataset folder{extra}")
+    meta = _meta_tokenizer(data_dir)
+    if meta.get("kind") != kind:
+        raise TokenizerError(f"{data_dir}/meta.json holds a {meta.get('kind')!r} tokenizer, "
+                             f"not {kind!r}")
+    return load_tokenizer(meta, data_dir)
+
+
+def _piece_repr(tokenizer, token):
+    piece = tokenizer.decode_bytes([token])
+    try:
+        return repr(piece.decode("utf-8"))
+    except UnicodeDecodeError:  # part of a multi-byte character: show the raw bytes
+        return repr(piece)
+
+
+def show_tokens(tokenizer, text):
+    """Print each token of text: its id and its piece."""
+    ids = tokenizer.encode(text)
+    for token in ids:
+        print(f"{token:>7}  {_piece_repr(tokenizer, token)}")
+    n_bytes = len(text.encode("utf-8"))
+    print(f"{len(ids)} tokens, {n_bytes} bytes, {n_bytes / max(len(ids), 1):.2f} bytes/token")
+
+
+def bytes_per_token(tokenizer, text):
+    return len(text.encode("utf-8")) / max(len(tokenizer.encode(text)), 1)
+
+
+def bench_train(path, vocab_size, pattern, out=None):
+    """Time train_bpe on the file (as one document), then measure bytes/token on it."""
+    text = _read_text(path)
+    start = time.perf_counter()
+    bpe = train_bpe([text], vocab_size, pattern=pattern)
+    seconds = time.perf_counter() - start
+    print(f"trained {bpe.n_vocab} tokens ({pattern} split) on {len(text.encode('utf-8')):,} bytes "
+          f"in {seconds:.2f} s")
+    print(f"bytes/token on the same text: {bytes_per_token(bpe_tokenizer(bpe), text):.3f}")
+    if out:
+        save_bpe(out, bpe)
+        print(f"saved {out}")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line and exit code 1, like every other error here
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(1)
+
+
+def main(argv=None):
+    p = _Parser(description="Look at tokens, measure bytes/token, or time the BPE trainer.",
+                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--tokenizer", choices=["char", "gpt2", "bpe"], default=None,
+                   help="which tokenizer; by default the one in --data's meta.json, "
+                        "bpe with --file, else gpt2")
+    p.add_argument("--data", default=None, help="a prepared dataset folder holding meta.json")
+    p.add_argument("--file", default=None, help="a BPE tokenizer.json (instead of --data)")
+    p.add_argument("--text", default=None, help="print each token of this text: id and piece")
+    p.add_argument("--corpus", default=None, help="print bytes/token of this UTF-8 file")
+    p.add_argument("--bench_train", default=None, metavar="FILE",
+                   help="time training a BPE on FILE and print its bytes/token on FILE")
+    p.add_argument("--vocab_size", type=int, default=4096,
+                   help="with --bench_train: tokens in all, special tokens included")
+    p.add_argument("--pattern", choices=sorted(PATTERNS), default="gpt4",
+                   help="with --bench_train: the pre-split regex")
+    p.add_argument("--out", default=None, help="with --bench_train: also save the tokenizer here")
+    args = p.parse_args(argv)
+    if args.text is None and args.corpus is None and args.bench_train is None:
+        p.error("nothing to do: give --text, --corpus or --bench_train")
+    try:
+        if args.bench_train is not None:
+            bench_train(args.bench_train, args.vocab_size, args.pattern, args.out)
+        if args.text is not None or args.corpus is not None:
+            tokenizer = _cli_tokenizer(args.tokenizer, args.data, args.file)
+            if args.text is not None:
+                show_tokens(tokenizer, args.text)
+            if args.corpus is not None:
+                print(f"{args.corpus}: {bytes_per_token(tokenizer, _read_text(args.corpus)):.3f} "
+                      f"bytes/token ({tokenizer.kind}, {tokenizer.vocab_size} tokens)")
+    except (TokenizerError, OSError) as e:  # OSError: e.g. --out cannot be written
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -286,6 +286,7 @@ def main(argv):
 
     data_dir, meta = resolve_dataset(cfg["dataset"])
     check_data_length(data_dir, meta, cfg["block_size"])  # before building a model that size
+    torch.manual_seed(cfg["seed"])  # the same initial weights on every process
     model, ckpt = build_model(cfg, explicit, meta["vocab_size"])
     block_size = model.config.block_size
     tokens_per_iter = cfg["gradient_accumulation_steps"] * cfg["batch_size"] * block_size
@@ -389,7 +390,8 @@ def main(argv):
     t_last, iters_since = time.time(), 0
     run_start = time.time()
     while True:
-        if iter_num % cfg["eval_interval"] == 0 or iter_num >= max_iters or cfg["eval_only"]:
+        just_resumed = cfg["init_from"] == "resume" and iter_num == start_iter  # evaluated before the stop
+        if (iter_num % cfg["eval_interval"] == 0 or iter_num >= max_iters) and not just_resumed or cfg["eval_only"]:
             losses = estimate_loss()
             if master:
                 print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
