@@ -283,6 +283,32 @@ class GPT(nn.Module):
             n -= self.transformer.wpe.weight.numel()
         return n
 
+    def param_counts(self):
+        """Parameters by part: embeddings, attention, mlp, norms, head (when untied)."""
+        parts = {"embeddings": 0, "attention": 0, "mlp": 0, "norms": 0, "head": 0}
+        seen = set()
+        for name, p in self.named_parameters():
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
+            part = ("embeddings" if name.startswith(("transformer.wte", "transformer.wpe")) else
+                    "attention" if ".attn." in name and "_norm" not in name else
+                    "mlp" if ".mlp." in name else
+                    "head" if name.startswith("lm_head") else "norms")
+            parts[part] += p.numel()
+        return parts
+
+    def describe(self):
+        """A few lines: parameters by part and training FLOPs per token."""
+        counts = self.param_counts()
+        total = sum(counts.values())
+        lines = [f"parameters: {total:,} ({total / 1e6:.2f}M)"]
+        lines += [f"  {part:<11}{n:>14,}  {100 * n / total:5.1f}%" for part, n in counts.items() if n]
+        lines.append(f"training FLOPs per token: {self.flops_per_token() / 1e6:,.2f}M "
+                     f"(6 x {self.get_num_params():,} non-position parameters + attention over "
+                     f"{self.config.block_size} positions)")
+        return "\n".join(lines)
+
     def forward(self, idx, targets=None, label_smoothing=0.0):
         """idx (B, T) token ids -> logits (B, T, vocab); with targets (B, T), also the mean
         cross-entropy over the positions whose target is not -1."""

@@ -64,6 +64,7 @@ class TrainConfig:
     backend: str = "auto"                 # torch.distributed backend: auto (nccl on CUDA, gloo on CPU) | nccl | gloo
     seed: int = 1337                      # seeds weights, dropout and batch sampling
     peak_flops: float = 0.0               # device peak FLOP/s for MFU; 0 looks the GPU up in a table
+    bench: int = 0                        # >0: time this many training steps and sampling, print the figures, save nothing
 
 
 ARCH_KEYS = [k for k in GPTConfig.keys() if k not in ("attn_impl",)]
@@ -270,6 +271,51 @@ def build_model(cfg, explicit, vocab_size):
 
 
 # -----------------------------------------------------------------------------------------------
+# benchmark: the figures behind every speed claim in the README
+
+def sync(device):
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def peak_memory_mb(device):
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated() / 2**20
+    import resource  # CPU: the process's peak resident memory (kB on Linux)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def benchmark(cfg, model, train_step, batches, local_accum, rank, tokens_per_iter, peak, device, warmup=5):
+    """Time cfg["bench"] training steps after a warmup, then sampling; one line per figure."""
+    steps = cfg["bench"]
+    for i in range(warmup + steps):
+        if i == warmup:
+            sync(device)
+            t0 = time.perf_counter()
+        starts = batches.draw(cfg["gradient_accumulation_steps"])
+        loss = train_step(starts[rank * local_accum:(rank + 1) * local_accum])
+    loss.item()
+    sync(device)
+    dt = (time.perf_counter() - t0) / steps
+    if rank != 0:
+        return
+    print(f"train ms/iter: {dt * 1000:.2f}")
+    print(f"train tokens/s: {tokens_per_iter / dt:,.0f}")
+    print(f"train mfu: {model.estimate_mfu(tokens_per_iter, dt, peak) * 100:.1f}%" if peak else
+          "train mfu: n/a (no peak FLOP/s known for this device; set peak_flops)")
+    print(f"peak memory: {peak_memory_mb(device):,.0f} MB")
+    model.eval()
+    n_new = min(256, 4 * model.config.block_size)
+    prompt = torch.zeros(1, 1, dtype=torch.long, device=device)
+    model.generate(prompt, 8, temperature=1.0)  # warm up
+    sync(device)
+    t0 = time.perf_counter()
+    model.generate(prompt, n_new, temperature=1.0)
+    sync(device)
+    print(f"sample tokens/s: {n_new / (time.perf_counter() - t0):,.1f} (batch 1, {n_new} tokens)")
+
+
+# -----------------------------------------------------------------------------------------------
 # the run
 
 def main(argv):
@@ -307,8 +353,9 @@ def main(argv):
 
     if master:
         os.makedirs(cfg["out_dir"], exist_ok=True)
-        print(f"model: {model.get_num_params() / 1e6:.2f}M parameters, {model.config.n_layer} layers, "
-              f"{model.config.n_head} heads, {model.config.n_embd} wide, block_size {block_size}")
+        print(f"model: {model.config.n_layer} layers, {model.config.n_head} heads, {model.config.n_embd} wide, "
+              f"block_size {block_size}, {model.config.norm}, {model.config.positions} positions, {model.config.mlp}")
+        print(model.describe())
         print(f"tokens per iteration: {tokens_per_iter:,} ({world} process(es) x {local_accum} micro-batches "
               f"x {cfg['batch_size']} x {block_size}); device {device}, {dtype}")
     if device_type == "cuda":
@@ -323,15 +370,16 @@ def main(argv):
         model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None)
 
     metrics_mode = "a" if cfg["init_from"] == "resume" else "w"  # a resumed run continues its log
-    metrics = open(os.path.join(cfg["out_dir"], "metrics.jsonl"), metrics_mode) if master else None
+    writes = master and not cfg["bench"]  # a benchmark leaves no files
+    metrics = open(os.path.join(cfg["out_dir"], "metrics.jsonl"), metrics_mode) if writes else None
     wandb_run = None
-    if cfg["wandb_log"] and master:
+    if cfg["wandb_log"] and writes:
         import wandb
         wandb_run = wandb.init(project=cfg["wandb_project"], name=cfg["wandb_run_name"], config=cfg,
                                dir=cfg["out_dir"])
 
     def log(record):
-        if master:
+        if writes:
             metrics.write(json.dumps(record) + "\n")
             metrics.flush()
             if wandb_run is not None:
@@ -386,6 +434,9 @@ def main(argv):
                         cfg["out_dir"])
 
     peak = cfg["peak_flops"] or peak_flops_of(device_type)
+    if cfg["bench"]:  # every process takes part in the timed steps; rank 0 reports
+        benchmark(cfg, raw_model, train_step, splits["train"], local_accum, rank, tokens_per_iter, peak, device)
+        return
     max_iters, start_iter = cfg["max_iters"], iter_num
     t_last, iters_since = time.time(), 0
     run_start = time.time()
@@ -430,7 +481,7 @@ def main(argv):
                 log({"iter": iter_num, "tokens": iter_num * tokens_per_iter, "loss": loss, "lr": lr,
                      "ms_per_iter": dt * 1000, "tokens_per_s": tok_s, "mfu": mfu})
 
-    if master:
+    if writes:
         metrics.close()
         if wandb_run is not None:
             wandb_run.finish()

@@ -99,3 +99,16 @@ def test_two_processes_under_torchrun_match_one_process(workdir):
         for key in ("loss", "train/loss", "val/loss"):
             if key in a:
                 assert b[key] == pytest.approx(a[key], abs=1e-5), (a["iter"], key)
+
+
+def test_bench_mode_prints_each_figure_and_saves_nothing(workdir):
+    proc = train(workdir, "--out_dir=bench", "--bench=3")
+    for figure in ("train ms/iter:", "train tokens/s:", "train mfu:", "peak memory:", "sample tokens/s:"):
+        assert figure in proc.stdout
+    assert not (workdir / "bench" / "ckpt.pt").exists() and not (workdir / "bench" / "metrics.jsonl").exists()
+
+
+def test_the_log_shows_the_parameter_count_by_part(workdir):
+    proc = train(workdir, "--out_dir=out", "--max_iters=1")
+    for part in ("embeddings", "attention", "mlp", "norms", "training FLOPs per token"):
+        assert part in proc.stdout
