@@ -52,10 +52,16 @@ class TrainConfig:
     beta2: float = 0.95                   # AdamW beta2
     grad_clip: float = 1.0                # clip the gradient's global norm to this; 0 disables
     label_smoothing: float = 0.0          # cross-entropy label smoothing, as torch's F.cross_entropy
-    # learning-rate schedule: linear warmup, then cosine decay to min_lr
+    optimizer: str = "adamw"              # adamw | muon (Muon for the matrices in the blocks, AdamW for the rest)
+    muon_lr: float = 0.02                 # Muon's peak learning rate (follows the same schedule)
+    muon_momentum: float = 0.95           # Muon's momentum
+    muon_match_adamw: bool = False        # scale Muon's update to AdamW's RMS (then muon_lr ~ learning_rate)
+    # learning-rate schedule: linear warmup, then decay to min_lr
     decay_lr: bool = True                 # False keeps learning_rate constant after warmup
+    lr_schedule: str = "cosine"           # cosine | wsd (warmup, stable, then linear warm-down)
     warmup_iters: int = 100               # iterations of linear warmup
-    lr_decay_iters: int = 0               # iteration where the cosine reaches min_lr; 0 means max_iters
+    warmdown_iters: int = 0               # wsd: iterations of the final linear decay
+    lr_decay_iters: int = 0               # iteration where the schedule reaches min_lr; 0 means max_iters
     min_lr: float = 6e-5                  # floor of the schedule, about learning_rate / 10
     # system
     device: str = "auto"                  # auto | cpu | cuda | cuda:N | mps
@@ -131,13 +137,37 @@ class Batches:
 # -----------------------------------------------------------------------------------------------
 # optimization
 
-def make_optimizer(model, cfg, device_type):
-    """AdamW; weight decay only on matrices (linear weights, embeddings), not on biases and norms."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": cfg["weight_decay"]},
-              {"params": no_decay, "weight_decay": 0.0}]
+class Optimizers:
+    """Several optimizers stepped as one, e.g. Muon for the hidden matrices and AdamW for the rest."""
+
+    def __init__(self, *optimizers):
+        self.optimizers = optimizers
+
+    @property
+    def param_groups(self):
+        return [g for opt in self.optimizers for g in opt.param_groups]
+
+    @property
+    def state(self):  # GradScaler looks here
+        return {k: v for opt in self.optimizers for k, v in opt.state.items()}
+
+    def step(self):
+        for opt in self.optimizers:
+            opt.step()
+
+    def zero_grad(self, set_to_none=True):
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self):
+        return {"optimizers": [opt.state_dict() for opt in self.optimizers]}
+
+    def load_state_dict(self, state):
+        for opt, s in zip(self.optimizers, state["optimizers"]):
+            opt.load_state_dict(s)
+
+
+def adamw(groups, cfg, device_type):
     # the fused kernel does the whole update in one pass; available on CUDA and, lately, CPU
     kwargs = dict(lr=cfg["learning_rate"], betas=(cfg["beta1"], cfg["beta2"]))
     try:
@@ -146,8 +176,35 @@ def make_optimizer(model, cfg, device_type):
         return torch.optim.AdamW(groups, foreach=True, **kwargs)
 
 
+def make_optimizer(model, cfg, device_type):
+    """AdamW with weight decay on matrices (linear weights, embeddings) only, not on biases and norms;
+    or, with optimizer=muon, Muon for the matrices inside the blocks and AdamW for everything else."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if cfg["optimizer"] == "muon":
+        hidden = [p for n, p in named if p.dim() == 2 and n.startswith("transformer.h.")]
+        rest = [(n, p) for n, p in named if not (p.dim() == 2 and n.startswith("transformer.h."))]
+        muon = torch.optim.Muon([{"params": hidden, "base_lr": cfg["muon_lr"]}], lr=cfg["muon_lr"],
+                                weight_decay=cfg["weight_decay"], momentum=cfg["muon_momentum"],
+                                adjust_lr_fn="match_rms_adamw" if cfg["muon_match_adamw"] else "original")
+        groups = [{"params": [p for _, p in rest if p.dim() >= 2], "weight_decay": 0.0},
+                  {"params": [p for _, p in rest if p.dim() < 2], "weight_decay": 0.0}]
+        return Optimizers(muon, adamw(groups, cfg, device_type))
+    if cfg["optimizer"] != "adamw":
+        raise TrainError(f"optimizer={cfg['optimizer']!r} is not one of adamw, muon")
+    groups = [{"params": [p for _, p in named if p.dim() >= 2], "weight_decay": cfg["weight_decay"]},
+              {"params": [p for _, p in named if p.dim() < 2], "weight_decay": 0.0}]
+    return adamw(groups, cfg, device_type)
+
+
+def set_lr(optimizer, lr, cfg):
+    """Every group follows the schedule, scaled from its own peak (Muon's differs from AdamW's)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("base_lr", cfg["learning_rate"]) / cfg["learning_rate"]
+
+
 def get_lr(it, cfg):
-    """Linear warmup for warmup_iters, then cosine decay to min_lr at lr_decay_iters."""
+    """Linear warmup for warmup_iters, then down to min_lr at lr_decay_iters: along a cosine, or
+    (lr_schedule=wsd) flat until the last warmdown_iters and linear from there."""
     lr, min_lr, warmup = cfg["learning_rate"], cfg["min_lr"], cfg["warmup_iters"]
     decay_iters = cfg["lr_decay_iters"] or cfg["max_iters"]
     if it < warmup:
@@ -156,6 +213,9 @@ def get_lr(it, cfg):
         return lr
     if it >= decay_iters:
         return min_lr
+    if cfg["lr_schedule"] == "wsd":
+        start = max(warmup, decay_iters - cfg["warmdown_iters"])
+        return lr if it < start else lr - (lr - min_lr) * (it - start) / max(1, decay_iters - start)
     progress = (it - warmup) / max(1, decay_iters - warmup)
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (lr - min_lr)
 
@@ -458,8 +518,7 @@ def main(argv):
             break
 
         lr = get_lr(iter_num, cfg)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        set_lr(optimizer, lr, cfg)
         starts = splits["train"].draw(cfg["gradient_accumulation_steps"])
         loss = train_step(starts[rank * local_accum:(rank + 1) * local_accum])
         iter_num += 1

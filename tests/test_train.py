@@ -112,3 +112,20 @@ def test_the_log_shows_the_parameter_count_by_part(workdir):
     proc = train(workdir, "--out_dir=out", "--max_iters=1")
     for part in ("embeddings", "attention", "mlp", "norms", "training FLOPs per token"):
         assert part in proc.stdout
+
+
+def test_lr_schedules_warm_up_then_reach_min_lr():
+    from train import TrainConfig, get_lr
+    from dataclasses import asdict
+    cfg = dict(asdict(TrainConfig()), learning_rate=1.0, min_lr=0.1, warmup_iters=10, max_iters=100)
+    assert get_lr(0, cfg) < get_lr(9, cfg) < 1.0 and get_lr(10, cfg) == pytest.approx(1.0)
+    assert get_lr(55, cfg) == pytest.approx(0.55) and get_lr(100, cfg) == pytest.approx(0.1)
+    wsd = dict(cfg, lr_schedule="wsd", warmdown_iters=20)
+    assert get_lr(79, wsd) == 1.0 and get_lr(90, wsd) == pytest.approx(0.55) and get_lr(100, wsd) == 0.1
+
+
+def test_muon_trains_the_block_matrices_and_lowers_the_loss(workdir):
+    train(workdir, "--out_dir=muon", "--max_iters=30", "--eval_interval=30", "--optimizer=muon",
+          "--muon_lr=0.02", "--lr_schedule=wsd", "--warmdown_iters=10")
+    evals = [r for r in read_metrics(workdir / "muon") if "val/loss" in r]
+    assert evals[-1]["val/loss"] < evals[0]["val/loss"] - 0.5
