@@ -49,6 +49,7 @@ HF_DATASETS = {  # name -> (Hugging Face dataset, config), streamed with the opt
     "fineweb-edu": ("HuggingFaceFW/fineweb-edu", "sample-10BT"),
 }
 PIECE_BYTES = 1 << 20  # read and encode about 1 MB at a time
+BPE_MAX_CHUNKS = 1_000_000  # distinct pre-split chunks a BPE trains on (~1 KB each): bounds its memory
 MAX_CARRY = 16  # pieces of text without a safe place before one is cut anyway, to bound memory
 
 
@@ -353,8 +354,10 @@ def encode_char(tok, piece):
 
 def train_bpe_tokenizer(items, vocab_size, pattern, max_bytes, total=None):
     """Train a byte-level BPE on the train split's pieces (the first max_bytes of it, if given);
-    train_bpe keeps only the counts of distinct pre-split chunks, so memory stays bounded."""
-    progress = Progress(f"training a {vocab_size}-token BPE", max_bytes or total)
+    train_bpe keeps only the counts of the BPE_MAX_CHUNKS most frequent pre-split chunks, so
+    memory stays bounded however large the corpus."""
+    known = [n for n in (max_bytes, total) if n]
+    progress = Progress(f"training a {vocab_size}-token BPE", min(known) if known else None)
 
     def texts():
         for split, piece, _ in items:
@@ -365,7 +368,7 @@ def train_bpe_tokenizer(items, vocab_size, pattern, max_bytes, total=None):
             if max_bytes and progress.done >= max_bytes:
                 return
     try:
-        bpe = train_bpe(texts(), vocab_size, pattern=pattern)
+        bpe = train_bpe(texts(), vocab_size, pattern=pattern, max_chunks=BPE_MAX_CHUNKS)
     finally:
         seconds = progress.close()
     print(f"trained a {bpe.n_vocab}-token BPE ({pattern} split) on {progress.done / 1e6:,.1f} MB "
@@ -472,7 +475,8 @@ def prepare(input_path, tokenizer, out_dir, val_fraction=0.1, *, vocab_size=None
     elif tokenizer == "gpt2":
         tok = gpt2_tokenizer()
     elif tokenizer == "bpe":
-        bpe = train_bpe_tokenizer(items(), vocab_size or 4096, bpe_pattern, bpe_train_bytes, total)
+        train_total = total and int(total * (1 - val_fraction))  # about the train split's size
+        bpe = train_bpe_tokenizer(items(), vocab_size or 4096, bpe_pattern, bpe_train_bytes, train_total)
         tok = bpe_tokenizer(bpe)
     else:
         raise PrepareError(f"unknown tokenizer {tokenizer!r}; use char, gpt2 or bpe")

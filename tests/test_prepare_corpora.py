@@ -2,13 +2,16 @@
 encoding that writes the same bytes as one-shot encoding, Chinese text, and bounded pieces."""
 import json
 import random
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
 import prepare
-from conftest import TINY_MODEL, run_script
-from tokenizer import GPT2_PATTERN, GPT4_PATTERN, _compile, load_bpe, load_tokenizer
+import tokenizer
+from conftest import REPO, TINY_MODEL, run_script
+from tokenizer import GPT2_PATTERN, GPT4_PATTERN, _compile, _count_chunks, load_bpe, load_tokenizer
 
 HAN = [chr(c) for c in range(0x4E00, 0x4E00 + 3000)]
 
@@ -43,14 +46,15 @@ def same_outputs(a, b, files=("train.bin", "val.bin", "meta.json")):
 
 # ----------------------------------------------------------------------------- safe cuts
 
-@pytest.mark.parametrize("pattern", [GPT2_PATTERN, GPT4_PATTERN])
+@pytest.mark.parametrize("pattern", [GPT2_PATTERN, GPT4_PATTERN], ids=["gpt2", "gpt4"])
 def test_cutting_at_any_safe_place_leaves_the_pre_split_chunks_unchanged(pattern):
     rng = random.Random(0)
-    alphabet = list("ab Z9 \n\n  \t.,'!?-") + ["'s", "'ll", "don't", "1234", "é", "東京", "。", "\r\n", "🙂"]
-    text = "".join(rng.choice(alphabet) for _ in range(3000))
+    alphabet = list("ab Z9 \n\n  \t.,'!?-") + ["'s", "'ll", "don't", "1234", "é", "東京", "。", "\r\n", "🙂",
+                                                "²", "Ⅻ", "e\u0301", "\u00a0", "\u2028", "\x1c", "_"]
+    text = "".join(rng.choice(alphabet) for _ in range(2000))
     split = _compile(pattern).findall
     cuts = [m.end() for m in prepare.SAFE_CUT.finditer(text)]
-    assert len(cuts) > 300
+    assert len(cuts) > 150
     whole = split(text)
     for i in cuts:
         assert split(text[:i]) + split(text[i:]) == whole, (i, text[i - 5:i + 5])
@@ -89,6 +93,26 @@ def test_parallel_encoding_writes_the_bytes_of_serial_encoding(tmp_path, corpus_
     if tokenizer == "bpe":
         assert (tmp_path / "serial" / "tokenizer.json").read_bytes() == \
             (tmp_path / "parallel" / "tokenizer.json").read_bytes()
+
+
+def peak_rss_mb(*args, cwd):
+    """Peak resident memory of `python prepare.py args`, measured by a fresh parent that runs only it."""
+    probe = ("import resource, subprocess, sys; subprocess.run(sys.argv[1:], check=True, capture_output=True); "
+             "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
+    out = subprocess.run([sys.executable, "-c", probe, sys.executable, str(REPO / "prepare.py"), *args],
+                         cwd=cwd, capture_output=True, text=True, check=True).stdout
+    return int(out) / 1024
+
+
+@pytest.mark.slow
+def test_peak_memory_does_not_grow_with_the_input(tmp_path, corpus_text, tiktoken_cache):
+    for mb in (8, 32):
+        with open(tmp_path / f"{mb}.txt", "w", encoding="utf-8") as f:
+            for _ in range(mb * 1_000_000 // len(corpus_text)):
+                f.write(corpus_text)
+    small, large = (peak_rss_mb("--input", f"{mb}.txt", "--tokenizer", "gpt2", "--out", f"out{mb}", cwd=tmp_path)
+                    for mb in (8, 32))
+    assert large < small + 16 and large < 300, (small, large)
 
 
 def test_jsonl_in_small_batches_writes_the_bytes_of_encoding_each_document_alone(tmp_path, tiktoken_cache,
@@ -179,6 +203,16 @@ def test_bpe_prepare_writes_the_tokenizer_beside_the_dataset_and_decodes_exactly
                                                                    "val.bin"]
 
 
+def test_tokenizer_cli_shows_the_tokens_of_a_prepared_bpe_folder(tmp_path, corpus_text, capsys):
+    (tmp_path / "in.txt").write_text(corpus_text[:30_000], encoding="utf-8")
+    meta = prepare.prepare(str(tmp_path / "in.txt"), "bpe", str(tmp_path / "out"), vocab_size=300)
+    capsys.readouterr()
+    assert tokenizer.main(["--data", str(tmp_path / "out"), "--text", "the king"]) == 0
+    printed = [int(line.split()[0]) for line in capsys.readouterr().out.splitlines()[:-1]]
+    assert printed == load_tokenizer(meta["tokenizer"], str(tmp_path / "out")).encode("the king")
+    assert len(printed) < len("the king")
+
+
 def test_bpe_train_bytes_trains_the_tokenizer_on_the_start_of_the_train_split_only(tmp_path, corpus_text,
                                                                                      monkeypatch):
     english, chinese = corpus_text[:20_000], chinese_lines(random.Random(4), 1500)
@@ -189,6 +223,14 @@ def test_bpe_train_bytes_trains_the_tokenizer_on_the_start_of_the_train_split_on
     cjk_tokens = {name: sum(1 for piece in load_bpe(tmp_path / name / "tokenizer.json").vocab[256:]
                             if 0xE4 <= piece[0] <= 0xE9) for name in ("all", "capped")}
     assert cjk_tokens["all"] > 50 and cjk_tokens["capped"] == 0
+
+
+def test_bpe_training_keeps_only_the_most_frequent_chunks_when_capped():
+    rare = [" q" + chr(97 + i % 26) + chr(97 + i // 26) for i in range(100)]  # 100 distinct, once each
+    texts = ["the the the cat cat dog"] * 3 + rare
+    counts = _count_chunks(texts, GPT4_PATTERN, max_chunks=3)
+    assert counts == {" the": 6, " cat": 6, "the": 3}  # "the" ties " dog" at 3 and was seen first
+    assert len(_count_chunks(texts, GPT4_PATTERN)) == 104
 
 
 def test_tokenizer_from_reuses_a_bpe_vocabulary(tmp_path, corpus_text):
