@@ -22,6 +22,7 @@ and written in order, so the same input gives the same bytes.
 """
 import argparse
 import codecs
+import importlib.util
 import itertools
 import json
 import os
@@ -190,14 +191,13 @@ def jsonl_documents(files, text_field):
 
 def hf_documents(name, text_field):
     """The documents of a known Hugging Face dataset, streamed (never downloaded whole)."""
-    try:
-        import datasets  # optional: only these corpora need it
-    except ImportError:
+    if importlib.util.find_spec("datasets") is None:  # optional: only these corpora need it
         raise PrepareError(f"{name} is streamed from the Hugging Face Hub with the datasets package: "
-                           f"pip install datasets") from None
+                           f"pip install datasets")
     path, config = HF_DATASETS[name]
     if not hub_reachable():  # fail at once: offline, the datasets library retries for half a minute
         raise hf_error(path, OSError("huggingface.co cannot be reached"))
+    import datasets  # slow to import, so only once the hub is known to answer
     try:
         rows = iter(datasets.load_dataset(path, config, split="train", streaming=True))
     except Exception as e:  # offline, the hub, fsspec and requests raise many kinds; all mean "cannot read"

@@ -1,9 +1,11 @@
 """prepare.py at scale: BPE trained here, .jsonl documents, reused tokenizers, parallel and streamed
 encoding that writes the same bytes as one-shot encoding, Chinese text, and bounded pieces."""
+import importlib.machinery
 import json
 import random
 import subprocess
 import sys
+import types
 
 import numpy as np
 import pytest
@@ -299,6 +301,22 @@ def test_a_short_run_prints_no_progress(tmp_path):
     (tmp_path / "in.txt").write_text("abc\n" * 50, encoding="utf-8")
     proc = run_script("prepare.py", "--input", "in.txt", "--out", "out", cwd=tmp_path)
     assert proc.stderr == "" and "MB/s" in proc.stdout
+
+
+def test_a_hugging_face_corpus_is_streamed_and_split_by_document(tmp_path, monkeypatch):
+    calls = []
+
+    def load_dataset(path, config, split, streaming):
+        calls.append((path, config, split, streaming))
+        return iter([{"text": f"row {i}\n", "url": "x"} for i in range(30)])
+    fake = types.ModuleType("datasets")
+    fake.__spec__, fake.load_dataset = importlib.machinery.ModuleSpec("datasets", None), load_dataset
+    monkeypatch.setitem(sys.modules, "datasets", fake)
+    monkeypatch.setattr(prepare, "hub_reachable", lambda: True)
+    meta = prepare.prepare(None, "char", str(tmp_path / "out"), hf_name="fineweb-edu")
+    assert calls == [("HuggingFaceFW/fineweb-edu", "sample-10BT", "train", True)] * 2  # alphabet, then encoding
+    train, val, _ = decode_splits(tmp_path / "out")
+    assert val == "row 9\nrow 19\nrow 29\n" and meta["documents"] == 30
 
 
 @pytest.mark.parametrize("name", ["openwebtext", "fineweb-edu"])
