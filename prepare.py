@@ -467,7 +467,7 @@ def prepare(input_path, tokenizer, out_dir, val_fraction=0.1, *, vocab_size=None
     if workers is None:
         workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     items, total, counts_docs = corpus(input_path, hf_name, text_field, val_fraction)
-    bpe_file = None  # the BPE to save beside the dataset, as a tokenizer.json already written
+    bpe_source = None  # with a reused BPE: its tokenizer.json, copied beside the dataset
     if tokenizer_dir is not None:
         tok, bpe_source = tokenizer_from(tokenizer_dir)
     elif tokenizer == "char":
@@ -485,7 +485,7 @@ def prepare(input_path, tokenizer, out_dir, val_fraction=0.1, *, vocab_size=None
     os.makedirs(out_dir, exist_ok=True)
     tmp = {name: os.path.join(out_dir, name + ".tmp") for name in ("train.bin", "val.bin", BPE_FILE)}
     try:  # everything is written beside the old files and renamed into place when all is done
-        if tokenizer_dir is not None and bpe_source is not None:
+        if bpe_source is not None:
             shutil.copyfile(bpe_source, tmp[BPE_FILE])
         elif tokenizer == "bpe" and tokenizer_dir is None:
             save_bpe(tmp[BPE_FILE], bpe)
@@ -515,7 +515,7 @@ def prepare(input_path, tokenizer, out_dir, val_fraction=0.1, *, vocab_size=None
     seconds = time.perf_counter() - progress.start
     print(f"{out_dir}: {counts['train']:,} train and {counts['val']:,} val tokens, "
           f"vocab {tok.vocab_size:,} ({tok.kind}), {meta['dtype']}; encoded {progress.done / 1e6:,.1f} MB "
-          f"in {seconds:.1f} s ({progress.rate():.1f} MB/s, {workers} threads)")
+          f"in {seconds:.1f} s ({progress.done / 1e6 / seconds:.1f} MB/s, {workers} threads)")
     return meta
 
 
