@@ -212,14 +212,23 @@ def _pattern_by_name(name):
     return PATTERNS[name]
 
 
-def _count_chunks(texts, pattern):
-    """Cut every document into pre-split chunks and count each distinct chunk."""
+def _count_chunks(texts, pattern, max_chunks=None):
+    """Cut every document into pre-split chunks and count each distinct chunk.
+
+    With max_chunks, memory is bounded: whenever twice that many distinct chunks are held, only
+    the max_chunks most frequent are kept (ties: first seen), and again at the end. A dropped
+    chunk that comes back starts counting afresh; only rare chunks are lost this way.
+    """
     if isinstance(texts, str):  # one string is one document, not an iterable of characters
         texts = [texts]
     split = _compile(pattern).findall
     counts = Counter()
     for text in texts:
         counts.update(split(text))
+        if max_chunks and len(counts) > 2 * max_chunks:
+            counts = Counter(dict(counts.most_common(max_chunks)))
+    if max_chunks and len(counts) > max_chunks:
+        counts = Counter(dict(counts.most_common(max_chunks)))
     return counts
 
 
@@ -288,10 +297,13 @@ def _pop_best(heap, counts):
     return None, 0
 
 
-def train_bpe(texts, vocab_size, pattern="gpt4", special_tokens=("<|endoftext|>",), verbose=False):
+def train_bpe(texts, vocab_size, pattern="gpt4", special_tokens=("<|endoftext|>",), verbose=False,
+              max_chunks=None):
     """Learn a byte-level BPE of vocab_size tokens (special tokens included) from texts.
 
-    texts: an iterable of documents (str); pattern: "gpt2" or "gpt4", the pre-split regex.
+    texts: an iterable of documents (str); pattern: "gpt2" or "gpt4", the pre-split regex;
+    max_chunks: train on at most this many distinct chunks, the most frequent (bounds memory:
+    about 1 KB each); None keeps all.
     """
     pattern_str = _pattern_by_name(pattern)
     if isinstance(special_tokens, str):  # one token, not a list of its characters
@@ -302,7 +314,7 @@ def train_bpe(texts, vocab_size, pattern="gpt4", special_tokens=("<|endoftext|>"
         raise TokenizerError(f"vocab_size {vocab_size} is too small: a byte-level BPE needs 256 "
                              f"byte tokens plus {len(special_tokens)} special tokens")
 
-    chunk_counts = _count_chunks(texts, pattern_str)
+    chunk_counts = _count_chunks(texts, pattern_str, max_chunks)
     words = [list(chunk.encode("utf-8")) for chunk in chunk_counts]  # each chunk as byte ids
     freqs = list(chunk_counts.values())
     counts, where = _count_pairs(words, freqs)
