@@ -26,9 +26,12 @@ import os
 import sys
 from pathlib import Path
 
+from dataclasses import asdict
+
 import torch
 
 from configurator import ConfigError
+from model import GPTConfig
 
 # Hub names accepted as init_from, and the repositories that hold OpenAI's weights
 HUB_MODELS = {"gpt2": "openai-community/gpt2", "gpt2-medium": "openai-community/gpt2-medium",
@@ -44,7 +47,8 @@ HARMLESS = {"architectures", "model_type", "transformers_version", "dtype", "tor
             "is_encoder_decoder", "is_decoder", "chunk_size_feed_forward", "problem_type", "finetuning_task",
             "pruned_heads", "torchscript", "tie_encoder_decoder", "add_cross_attention"}
 GPT2_HARMLESS = {"attn_pdrop", "embd_pdrop", "resid_pdrop", "n_ctx", "summary_activation", "summary_first_dropout",
-                 "summary_proj_to_labels", "summary_type", "summary_use_proj", "reorder_and_upcast_attn"}
+                 "summary_proj_to_labels", "summary_type", "summary_use_proj", "reorder_and_upcast_attn",
+                 "predict_special_tokens", "n_special"}
 LLAMA_HARMLESS = {"attention_dropout", "pretraining_tp"}  # pretraining_tp splits matmuls, same result
 
 GPT2_ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh",
@@ -106,9 +110,9 @@ def config_from_hf(hf, where="config.json"):
                                            "activation_function", "layer_norm_epsilon", "tie_word_embeddings",
                                            "scale_attn_weights", "scale_attn_by_inverse_layer_idx"}, where)
         if not hf.get("scale_attn_weights", True) or hf.get("scale_attn_by_inverse_layer_idx", False) \
-                or hf.get("add_cross_attention", False):
-            raise HFError(f"{where}: GPT-2 variants with scale_attn_weights=false, scale_attn_by_inverse_layer_idx "
-                          f"or cross-attention are not supported")
+                or hf.get("add_cross_attention", False) or hf.get("n_special", 0):
+            raise HFError(f"{where}: GPT-2 variants with scale_attn_weights=false, scale_attn_by_inverse_layer_idx, "
+                          f"cross-attention or n_special tokens are not supported")
         act = hf.get("activation_function", "gelu_new")
         if act not in GPT2_ACTIVATIONS:
             raise HFError(f"{where}: activation_function {act!r} is not supported "
@@ -319,7 +323,10 @@ def read_tensors(path):
     elif (path / "model.safetensors").is_file():
         files = ["model.safetensors"]
     elif (path / "pytorch_model.bin").is_file():
-        return torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
+        try:
+            return torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise HFError(f"could not read {path / 'pytorch_model.bin'} ({type(e).__name__})") from None
     else:
         raise HFError(f"{path} has config.json but no model.safetensors (or shards with an index); "
                       f"save the model with save_pretrained")
@@ -360,17 +367,13 @@ def load_hf_checkpoint(source, with_tokenizer=False):
     source is a folder or a GPT-2 Hub name; the tokenizer is looked up only when asked for."""
     path = download(source) if source in HUB_MODELS and not os.path.exists(source) else source
     where = str(Path(path) / "config.json") if source not in HUB_MODELS else source
-    from model import GPTConfig
-    from dataclasses import asdict
+    fields = config_from_hf(read_config(path), where)
     try:
-        config = asdict(GPTConfig(**config_from_hf(read_config(path), where)))
-    except (TypeError, ValueError) as e:
-        if isinstance(e, HFError):
-            raise
+        config = asdict(GPTConfig(**fields))
+    except (TypeError, ValueError) as e:  # shapes our model cannot take, e.g. an odd head_dim with rope
         raise HFError(f"{where}: {e}") from None
-    ckpt = {"model": state_dict_from_hf(config, read_tensors(path), str(path)), "model_config": config,
+    return {"model": state_dict_from_hf(config, read_tensors(path), str(path)), "model_config": config,
             "tokenizer": find_tokenizer(path, config) if with_tokenizer else None, "dataset_dir": None}
-    return ckpt
 
 
 def export(ckpt_path, out_dir):
@@ -422,7 +425,8 @@ def _from_tokenizer_json(path):
     from tokenizer import GPT2_PATTERN, TokenizerError
     data = json.loads(Path(path).read_text(encoding="utf-8"))
     model = data.get("model") or {}
-    if model.get("type") != "BPE" or model.get("byte_fallback") or data.get("normalizer"):
+    if model.get("type") != "BPE" or model.get("byte_fallback") or data.get("normalizer") \
+            or model.get("continuing_subword_prefix") or model.get("end_of_word_suffix"):
         raise TokenizerError(f"{path}: only byte-level BPE without a normalizer can be read through tiktoken")
     pre = data.get("pre_tokenizer") or {}
     steps = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
@@ -450,7 +454,7 @@ def _from_tokenizer_json(path):
     for m in merges:  # tiktoken merges by rank: the merge order must be the id order
         a, b = m.split(" ", 1) if isinstance(m, str) else m
         rank = ranks.get(bytes(decode[ch] for ch in a + b))
-        if rank is None or rank <= last:
+        if rank is None or rank < last:  # equal: two splits of one token (tokenizers converted from tiktoken)
             raise TokenizerError(f"{path}: merges are not in the order of token ids; tiktoken cannot reproduce them")
         last = rank
     if any(bytes([b]) not in ranks for b in range(256)):

@@ -34,7 +34,7 @@ def draw_llama(rng):
                    "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
     bias = rng.random() < 0.3
     return transformers.LlamaConfig(
-        vocab_size=rng.randint(20, 300), hidden_size=n_head * rng.choice([2, 4, 6]), num_attention_heads=n_head,
+        vocab_size=rng.randint(20, 300), hidden_size=n_head * rng.choice([4, 6, 8]), num_attention_heads=n_head,
         num_key_value_heads=rng.choice([k for k in range(1, n_head + 1) if n_head % k == 0]),
         head_dim=rng.choice([4, 8, 12]), intermediate_size=rng.randint(8, 100), num_hidden_layers=rng.randint(1, 3),
         max_position_embeddings=32, rms_norm_eps=rng.choice([1e-5, 1e-6]),
@@ -55,11 +55,11 @@ LLAMA_SHAPES.append(transformers.LlamaConfig(vocab_size=70, hidden_size=24, num_
 
 
 def randomize(model, seed=0):
-    """Every parameter random: gains near 1, everything else N(0, 0.1^2)."""
+    """Every parameter random: gains near 1, everything else N(0, 0.2^2)."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=g) * 0.1
+            noise = torch.randn(p.shape, generator=g) * 0.2
             p.copy_(1 + noise if p.dim() == 1 and name.endswith("weight") else noise)
     return model.eval()
 
@@ -280,3 +280,17 @@ def test_train_fine_tunes_an_hf_gpt2_folder_and_refuses_a_vocabulary_mismatch(gp
                       "--device=cpu", cwd=workdir, check=False)
     assert proc.returncode != 0 and "vocabulary has 50257 tokens" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_import_command_writes_a_checkpoint_that_sample_reads(tmp_path, tiktoken_cache):
+    config = transformers.GPT2Config(vocab_size=50257, n_positions=32, n_layer=1, n_head=2, n_embd=16)
+    hf_folder(config, tmp_path / "hf")
+    run_script("hf.py", "import", "--src", tmp_path / "hf", "--out", tmp_path / "out", cwd=tmp_path)
+    ckpt = torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)
+    assert ckpt["tokenizer"] == {"kind": "gpt2"} and ckpt["model_config"]["mlp"] == "gelu_tanh"
+    proc = run_script("sample.py", "--out_dir=out", "--start=KING", "--num_samples=1", "--max_new_tokens=3",
+                      cwd=tmp_path)
+    assert proc.stdout.startswith("KING")
+    proc = run_script("hf.py", "import", "--src", tmp_path / "nowhere", "--out", tmp_path / "x", cwd=tmp_path,
+                      check=False)
+    assert proc.returncode != 0 and "neither a folder with config.json" in proc.stderr
