@@ -7,7 +7,7 @@ Design choices, each a switch in GPTConfig:
   frequency scaling of Llama 3.1/3.2. RoPE pairs dimension i with i + head_dim/2 ("rotate half").
 - norm: "layernorm" (GPT-2) or "rmsnorm" (LLaMA), always before each sublayer (pre-norm), plus a
   final norm before the unembedding.
-- mlp: "gelu" (4x wide, GPT-2), "swiglu" (LLaMA; hidden size 2/3 of 4x rounded up to a multiple),
+- mlp: "gelu" (4x wide), "gelu_tanh" (GPT-2's tanh approximation of gelu), "swiglu" (LLaMA; hidden size 2/3 of 4x rounded up to a multiple),
   or "relu2" (squared ReLU).
 - attention: n_kv_head < n_head is grouped-query attention (1 is multi-query); optional QK-norm.
   Two paths with the same result: "fused" calls F.scaled_dot_product_attention (Flash kernels on
@@ -44,8 +44,8 @@ class GPTConfig:
     rope_low_freq_factor: float = 1.0   # llama3 scaling: wavelengths above orig/low are divided by factor
     rope_high_freq_factor: float = 4.0  # llama3 scaling: wavelengths below orig/high are kept
     rope_original_context: int = 8192   # llama3 scaling: context length before scaling
-    mlp: str = "gelu"             # gelu | swiglu | relu2
-    mlp_hidden: int = 0           # MLP hidden width; 0: 4*n_embd (gelu, relu2) or LLaMA's rule (swiglu)
+    mlp: str = "gelu"             # gelu | gelu_tanh (OpenAI GPT-2's approximation) | swiglu | relu2
+    mlp_hidden: int = 0           # MLP hidden width; 0: 4*n_embd (gelu*, relu2) or LLaMA's rule (swiglu)
     mlp_multiple_of: int = 256    # swiglu: round the default hidden width up to a multiple of this
     qk_norm: bool = False         # RMS-normalise q and k per head before attention
     tie_embeddings: bool = True   # lm_head shares the token embedding matrix
@@ -54,7 +54,7 @@ class GPTConfig:
 
     def __post_init__(self):
         choices = {"norm": ("layernorm", "rmsnorm"), "positions": ("learned", "rope"),
-                   "mlp": ("gelu", "swiglu", "relu2"), "rope_scaling": ("", "llama3"),
+                   "mlp": ("gelu", "gelu_tanh", "swiglu", "relu2"), "rope_scaling": ("", "llama3"),
                    "attn_impl": ("fused", "explicit")}
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
@@ -224,6 +224,8 @@ class MLP(nn.Module):
         h = self.c_fc(x)  # (B, T, hidden) or (B, T, 2*hidden)
         if self.kind == "gelu":
             h = F.gelu(h)
+        elif self.kind == "gelu_tanh":  # what OpenAI's GPT-2 weights were trained with
+            h = F.gelu(h, approximate="tanh")
         elif self.kind == "relu2":
             h = F.relu(h).square()
         else:

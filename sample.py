@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from configurator import ConfigError, parse_args
+from hf import is_hf_source, load_hf_checkpoint
 from model import GPT, GPTConfig
 from tokenizer import TokenizerError, load_tokenizer
 from train import TrainError, load_checkpoint, pick_device, pick_dtype
@@ -23,7 +24,7 @@ from train import TrainError, load_checkpoint, pick_device, pick_dtype
 @dataclass
 class SampleConfig:
     out_dir: str = "out"           # folder of the checkpoint to sample from (its ckpt.pt)
-    init_from: str = "resume"      # resume (out_dir/ckpt.pt) | PATH of a checkpoint file or folder
+    init_from: str = "resume"      # resume (out_dir/ckpt.pt) | PATH of a checkpoint file or folder, or a Hugging Face folder | gpt2*
     start: str = "\n"              # the prompt; FILE:path reads it from a file
     num_samples: int = 3           # how many samples to draw
     max_new_tokens: int = 500      # tokens generated per sample
@@ -58,7 +59,9 @@ def read_prompt(start):
 
 def load_model(cfg, device):
     """The model and tokenizer of a checkpoint."""
-    ckpt = load_checkpoint(cfg["out_dir"] if cfg["init_from"] == "resume" else cfg["init_from"])
+    source = cfg["out_dir"] if cfg["init_from"] == "resume" else cfg["init_from"]
+    ckpt = (load_hf_checkpoint(source, with_tokenizer=True) if cfg["init_from"] != "resume" and is_hf_source(source)
+            else load_checkpoint(source))
     config = GPTConfig(**{k: v for k, v in ckpt["model_config"].items() if k in GPTConfig.keys()})
     model = GPT(config)
     model.load_state_dict(ckpt["model"])

@@ -6,6 +6,8 @@ Kinds, each rebuilt from the "tokenizer" entry of a dataset's meta.json:
 - gpt2: OpenAI's GPT-2 byte-level BPE, 50,257 tokens, through tiktoken.
 - bpe: a byte-level BPE trained here by train_bpe() and saved as tokenizer.json next to the
   dataset; encoding and decoding run through tiktoken with the learned ranks.
+- hf: the tokenizer of an imported Hugging Face model (its tokenizer.json or Meta's
+  tokenizer.model), read by hf.py into tiktoken.
 
 Every tokenizer has the same small surface: encode(text) -> list[int], decode(ids) -> str,
 vocab_size, eot_token (the end-of-text id, or None), and meta() -> the JSON-able dict that
@@ -132,6 +134,9 @@ def load_tokenizer(meta, data_dir=None):
         if data_dir is None:
             raise TokenizerError("a bpe tokenizer is loaded from its dataset folder; pass data_dir")
         return bpe_tokenizer_from_file(Path(data_dir) / meta.get("file", BPE_FILE))
+    if kind == "hf":  # the tokenizer of an imported Hugging Face model, read by hf.py
+        from hf import hf_tokenizer
+        return hf_tokenizer(meta)
     raise TokenizerError(f"unknown tokenizer kind {kind!r} in meta.json; "
                          f"re-run prepare.py to rebuild the dataset")
 

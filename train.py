@@ -30,7 +30,7 @@ from model import GPT, GPTConfig, preset_config
 class TrainConfig:
     # I/O
     out_dir: str = "out"                  # checkpoints and metrics.jsonl are written here
-    init_from: str = "scratch"            # scratch | resume (out_dir/ckpt.pt) | PATH of a checkpoint to start from
+    init_from: str = "scratch"            # scratch | resume (out_dir/ckpt.pt) | PATH of a checkpoint or Hugging Face folder | gpt2*
     preset: str = ""                      # start the architecture from a preset of model.py (gpt2, llama3-tiny, ...)
     eval_interval: int = 250              # evaluate train/val loss every this many iterations
     eval_iters: int = 20                  # batches per split in each evaluation
@@ -310,7 +310,10 @@ def build_model(cfg, explicit, vocab_size):
         arch["vocab_size"] = vocab_size
         config = GPTConfig(**arch)
     else:
-        ckpt = load_checkpoint(cfg["out_dir"] if cfg["init_from"] == "resume" else cfg["init_from"])
+        import hf  # Hugging Face folders and gpt2* Hub names; transformers is not imported
+        source = cfg["out_dir"] if cfg["init_from"] == "resume" else cfg["init_from"]
+        ckpt = (hf.load_hf_checkpoint(source) if cfg["init_from"] != "resume" and hf.is_hf_source(source)
+                else load_checkpoint(source))
         arch = dict(ckpt["model_config"])
         if arch["vocab_size"] != vocab_size:
             raise TrainError(f"the checkpoint's vocabulary has {arch['vocab_size']} tokens but dataset "

@@ -2,7 +2,9 @@
 # python prepare.py shakespeare
 # python train.py config/finetune_shakespeare.py --init_from=PATH_OF_YOUR_CHECKPOINT
 # init_from may be any checkpoint of this repo trained with the gpt2 tokenizer (a folder holding
-# ckpt.pt, or the file itself); its architecture is kept, the optimizer starts afresh.
+# ckpt.pt, or the file itself), OpenAI's GPT-2 (gpt2, gpt2-medium, gpt2-large, gpt2-xl: downloaded
+# from Hugging Face), or a local Hugging Face folder with a 50257-token vocabulary (see hf.py);
+# its architecture is kept, the optimizer starts afresh.
 out_dir = "out-finetune-shakespeare"
 dataset = "shakespeare"
 init_from = "out-gpt2"

@@ -1,0 +1,537 @@
+"""
+Hugging Face interop: GPT-2 and LLaMA checkpoints in, ours out.
+
+  python train.py config/finetune_shakespeare.py --init_from=gpt2   # OpenAI's GPT-2 (gpt2-medium, -large, -xl)
+  python train.py ... --init_from=PATH                                # a local GPT2LMHeadModel or LlamaForCausalLM folder
+  python sample.py --init_from=PATH --start="Hello"
+  python hf.py export --ckpt out/ckpt.pt --out DIR                    # ours -> a folder transformers loads
+  python hf.py import --src PATH_OR_NAME --out DIR                    # a Hugging Face model -> DIR/ckpt.pt
+
+A Hugging Face folder is config.json plus model.safetensors (or shards with model.safetensors.index.json).
+Reading and writing need only the safetensors package; downloading gpt2* needs huggingface_hub (which
+transformers brings); transformers itself is needed only to use an exported folder.
+
+Weight layouts, theirs -> ours:
+- GPT-2: Conv1D stores weights as (in, out), so every matrix is transposed into nn.Linear's (out, in).
+  c_attn is q, k, v concatenated in both. HF's GPT-2 always has biases; ours without them export zeros.
+- LLaMA: q_proj, k_proj, v_proj stacked by rows -> c_attn; gate_proj, up_proj -> c_fc ([gate; up]);
+  o_proj -> attn.c_proj, down_proj -> mlp.c_proj. HF's checkpoints already permute q/k into the
+  "rotate half" pairing (i, i + d/2) that model.apply_rope uses, so q and k load unchanged.
+Config fields are mapped one by one; a field this file does not know is refused, not ignored.
+"""
+import argparse
+import base64
+import json
+import os
+import sys
+from pathlib import Path
+
+from dataclasses import asdict
+
+import torch
+
+from configurator import ConfigError
+from model import GPTConfig
+
+# Hub names accepted as init_from, and the repositories that hold OpenAI's weights
+HUB_MODELS = {"gpt2": "openai-community/gpt2", "gpt2-medium": "openai-community/gpt2-medium",
+              "gpt2-large": "openai-community/gpt2-large", "gpt2-xl": "openai-community/gpt2-xl"}
+
+# config.json fields that never change the function a model computes (bookkeeping, generation, dropout)
+HARMLESS = {"architectures", "model_type", "transformers_version", "dtype", "torch_dtype", "_name_or_path",
+            "bos_token_id", "eos_token_id", "pad_token_id", "sep_token_id", "decoder_start_token_id",
+            "initializer_range", "use_cache", "id2label", "label2id", "task_specific_params", "output_past",
+            "output_attentions", "output_hidden_states", "return_dict", "tokenizer_class", "prefix",
+            "max_length", "min_length", "do_sample", "num_beams", "temperature", "top_k", "top_p",
+            "repetition_penalty", "length_penalty", "no_repeat_ngram_size", "bad_words_ids", "use_return_dict",
+            "is_encoder_decoder", "is_decoder", "chunk_size_feed_forward", "problem_type", "finetuning_task",
+            "pruned_heads", "torchscript", "tie_encoder_decoder", "add_cross_attention"}
+GPT2_HARMLESS = {"attn_pdrop", "embd_pdrop", "resid_pdrop", "n_ctx", "summary_activation", "summary_first_dropout",
+                 "summary_proj_to_labels", "summary_type", "summary_use_proj", "reorder_and_upcast_attn",
+                 "predict_special_tokens", "n_special"}
+LLAMA_HARMLESS = {"attention_dropout", "pretraining_tp"}  # pretraining_tp splits matmuls, same result
+
+GPT2_ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh",
+                    "gelu_fast": "gelu_tanh", "relu2": "relu2"}
+
+
+class HFError(ConfigError):
+    """A Hugging Face folder or checkpoint we cannot convert; the message says why and what to do.
+    A ConfigError (init_from is a setting), which train.py and sample.py already print as one line."""
+
+
+# ----------------------------------------------------------------------------------------------
+# config.json <-> GPTConfig fields
+
+def _check_fields(hf, known, where):
+    unknown = sorted(set(hf) - known - HARMLESS)
+    if unknown:
+        raise HFError(f"{where}: config field {unknown[0]!r} is not supported by hf.py (it may change the model); "
+                      f"remove it from config.json if it does not")
+
+
+def _require(hf, key, where):
+    if hf.get(key) is None:
+        raise HFError(f"{where}: config.json lacks {key!r}")
+    return hf[key]
+
+
+def _rope_fields(hf, where):
+    """RoPE settings from the older (rope_theta + rope_scaling) or the newer (rope_parameters) form."""
+    params = dict(hf.get("rope_parameters") or {})
+    scaling = dict(hf.get("rope_scaling") or {})
+    theta = params.pop("rope_theta", hf.get("rope_theta", 10000.0))
+    params = {**scaling, **params}
+    kind = params.pop("rope_type", params.pop("type", "default"))
+    out = dict(rope_theta=float(theta), rope_scaling="")
+    if params.pop("partial_rotary_factor", 1.0) != 1.0:
+        raise HFError(f"{where}: partial_rotary_factor other than 1 is not supported")
+    if kind == "llama3":
+        try:
+            out.update(rope_scaling="llama3", rope_factor=float(params.pop("factor")),
+                       rope_low_freq_factor=float(params.pop("low_freq_factor")),
+                       rope_high_freq_factor=float(params.pop("high_freq_factor")),
+                       rope_original_context=int(params.pop("original_max_position_embeddings")))
+        except KeyError as e:
+            raise HFError(f"{where}: llama3 rope scaling lacks {e.args[0]!r}") from None
+    elif kind != "default":
+        raise HFError(f"{where}: rope type {kind!r} is not supported (only default and llama3)")
+    if params:
+        raise HFError(f"{where}: rope field {sorted(params)[0]!r} is not supported")
+    return out
+
+
+def config_from_hf(hf, where="config.json"):
+    """GPTConfig keyword arguments for a GPT2LMHeadModel's or LlamaForCausalLM's config.json."""
+    arch = (hf.get("architectures") or [None])[0]
+    mtype = hf.get("model_type")
+    if mtype == "gpt2" and arch in (None, "GPT2LMHeadModel", "GPT2Model"):
+        _check_fields(hf, GPT2_HARMLESS | {"vocab_size", "n_positions", "n_layer", "n_head", "n_embd", "n_inner",
+                                           "activation_function", "layer_norm_epsilon", "tie_word_embeddings",
+                                           "scale_attn_weights", "scale_attn_by_inverse_layer_idx"}, where)
+        if not hf.get("scale_attn_weights", True) or hf.get("scale_attn_by_inverse_layer_idx", False) \
+                or hf.get("add_cross_attention", False) or hf.get("n_special", 0):
+            raise HFError(f"{where}: GPT-2 variants with scale_attn_weights=false, scale_attn_by_inverse_layer_idx, "
+                          f"cross-attention or n_special tokens are not supported")
+        act = hf.get("activation_function", "gelu_new")
+        if act not in GPT2_ACTIVATIONS:
+            raise HFError(f"{where}: activation_function {act!r} is not supported "
+                          f"(one of {', '.join(GPT2_ACTIVATIONS)})")
+        n_embd = _require(hf, "n_embd", where)
+        return dict(vocab_size=_require(hf, "vocab_size", where), block_size=_require(hf, "n_positions", where),
+                    n_layer=_require(hf, "n_layer", where), n_head=_require(hf, "n_head", where), n_embd=n_embd,
+                    mlp_hidden=hf.get("n_inner") or 4 * n_embd, mlp=GPT2_ACTIVATIONS[act], bias=True,
+                    norm="layernorm", norm_eps=hf.get("layer_norm_epsilon", 1e-5), positions="learned",
+                    tie_embeddings=hf.get("tie_word_embeddings", True))
+    if mtype == "llama" and arch in (None, "LlamaForCausalLM", "LlamaModel"):
+        _check_fields(hf, LLAMA_HARMLESS | {"vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                                            "num_attention_heads", "num_key_value_heads", "head_dim", "hidden_act",
+                                            "max_position_embeddings", "rms_norm_eps", "tie_word_embeddings",
+                                            "attention_bias", "mlp_bias", "rope_theta", "rope_scaling",
+                                            "rope_parameters"}, where)
+        if hf.get("hidden_act", "silu") != "silu":
+            raise HFError(f"{where}: hidden_act {hf['hidden_act']!r} is not supported (LLaMA uses silu)")
+        if bool(hf.get("attention_bias", False)) != bool(hf.get("mlp_bias", False)):
+            raise HFError(f"{where}: attention_bias and mlp_bias differ; our bias switch covers both")
+        n_head = _require(hf, "num_attention_heads", where)
+        n_embd = _require(hf, "hidden_size", where)
+        return dict(vocab_size=_require(hf, "vocab_size", where),
+                    block_size=_require(hf, "max_position_embeddings", where),
+                    n_layer=_require(hf, "num_hidden_layers", where), n_head=n_head, n_embd=n_embd,
+                    n_kv_head=hf.get("num_key_value_heads") or n_head, head_dim=hf.get("head_dim") or n_embd // n_head,
+                    mlp="swiglu", mlp_hidden=_require(hf, "intermediate_size", where),
+                    bias=bool(hf.get("attention_bias", False)), norm="rmsnorm",
+                    norm_eps=hf.get("rms_norm_eps", 1e-6), positions="rope",
+                    tie_embeddings=hf.get("tie_word_embeddings", False), **_rope_fields(hf, where))
+    raise HFError(f"{where}: architecture {arch or mtype!r} is not supported; "
+                  f"hf.py reads GPT2LMHeadModel and LlamaForCausalLM")
+
+
+def family(c):
+    """'gpt2' or 'llama': the Hugging Face class that can hold config c (a dict of GPTConfig fields),
+    or an HFError naming what neither can express."""
+    def refuse(what):
+        return HFError(f"{what} cannot be written as a Hugging Face "
+                       f"{'LlamaForCausalLM' if c['positions'] == 'rope' else 'GPT2LMHeadModel'}")
+    if c["qk_norm"]:
+        raise refuse("qk_norm")
+    if c["positions"] == "learned":
+        if c["norm"] != "layernorm":
+            raise refuse(f"norm={c['norm']} with learned positions")
+        if c["mlp"] not in ("gelu", "gelu_tanh", "relu2"):
+            raise refuse(f"mlp={c['mlp']} with learned positions")
+        if c["n_kv_head"] != c["n_head"] or c["head_dim"] * c["n_head"] != c["n_embd"]:
+            raise refuse("grouped-query attention or a head_dim other than n_embd/n_head")
+        return "gpt2"
+    if c["norm"] != "rmsnorm" or c["mlp"] != "swiglu":
+        raise refuse(f"norm={c['norm']}, mlp={c['mlp']} with rope (LLaMA needs rmsnorm and swiglu)")
+    return "llama"
+
+
+def config_to_hf(c, eos_token_id=None):
+    """config.json for our config c; the older rope_theta/rope_scaling keys, which transformers 4 and 5 read."""
+    common = {"vocab_size": c["vocab_size"], "tie_word_embeddings": c["tie_embeddings"], "torch_dtype": "float32",
+              "bos_token_id": eos_token_id, "eos_token_id": eos_token_id}
+    if family(c) == "gpt2":
+        act = {"gelu": "gelu", "gelu_tanh": "gelu_new", "relu2": "relu2"}[c["mlp"]]
+        return {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", **common,
+                "n_positions": c["block_size"], "n_ctx": c["block_size"], "n_layer": c["n_layer"],
+                "n_head": c["n_head"], "n_embd": c["n_embd"], "n_inner": c["mlp_hidden"],
+                "activation_function": act, "layer_norm_epsilon": c["norm_eps"], "scale_attn_weights": True,
+                "scale_attn_by_inverse_layer_idx": False, "reorder_and_upcast_attn": False,
+                "attn_pdrop": 0.0, "embd_pdrop": 0.0, "resid_pdrop": 0.0}
+    scaling = None
+    if c["rope_scaling"] == "llama3":
+        scaling = {"rope_type": "llama3", "factor": c["rope_factor"], "low_freq_factor": c["rope_low_freq_factor"],
+                   "high_freq_factor": c["rope_high_freq_factor"],
+                   "original_max_position_embeddings": c["rope_original_context"]}
+    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", **common,
+            "hidden_size": c["n_embd"], "intermediate_size": c["mlp_hidden"], "num_hidden_layers": c["n_layer"],
+            "num_attention_heads": c["n_head"], "num_key_value_heads": c["n_kv_head"], "head_dim": c["head_dim"],
+            "hidden_act": "silu", "max_position_embeddings": c["block_size"], "rms_norm_eps": c["norm_eps"],
+            "attention_bias": c["bias"], "mlp_bias": c["bias"], "attention_dropout": 0.0,
+            "rope_theta": c["rope_theta"], "rope_scaling": scaling}
+
+
+# ----------------------------------------------------------------------------------------------
+# weights: one table drives both directions
+
+def layout(c):
+    """[(our name, [HF names], how)] for every tensor of config c; how is 'same', 'T' (GPT-2's Conv1D,
+    stored transposed) or 'rows' (our tensor is the HF tensors stacked along dim 0)."""
+    out = []
+    if family(c) == "gpt2":
+        out += [("transformer.wte.weight", ["transformer.wte.weight"], "same"),
+                ("transformer.wpe.weight", ["transformer.wpe.weight"], "same")]
+        for i in range(c["n_layer"]):
+            p = f"transformer.h.{i}."
+            for name in ("ln_1", "ln_2"):
+                out += [(p + name + ".weight", [p + name + ".weight"], "same"),
+                        (p + name + ".bias", [p + name + ".bias"], "same")]
+            for name in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"):
+                out += [(p + name + ".weight", [p + name + ".weight"], "T"),
+                        (p + name + ".bias", [p + name + ".bias"], "same")]
+        out += [("transformer.ln_f.weight", ["transformer.ln_f.weight"], "same"),
+                ("transformer.ln_f.bias", ["transformer.ln_f.bias"], "same")]
+    else:
+        out.append(("transformer.wte.weight", ["model.embed_tokens.weight"], "same"))
+        for i in range(c["n_layer"]):
+            p, q = f"transformer.h.{i}.", f"model.layers.{i}."
+            out += [(p + "ln_1.weight", [q + "input_layernorm.weight"], "same"),
+                    (p + "ln_2.weight", [q + "post_attention_layernorm.weight"], "same")]
+            for kind in ("weight", "bias") if c["bias"] else ("weight",):
+                out += [(p + f"attn.c_attn.{kind}", [q + f"self_attn.{x}_proj.{kind}" for x in "qkv"], "rows"),
+                        (p + f"attn.c_proj.{kind}", [q + f"self_attn.o_proj.{kind}"], "same"),
+                        (p + f"mlp.c_fc.{kind}", [q + f"mlp.{x}_proj.{kind}" for x in ("gate", "up")], "rows"),
+                        (p + f"mlp.c_proj.{kind}", [q + f"mlp.down_proj.{kind}"], "same")]
+        out.append(("transformer.ln_f.weight", ["model.norm.weight"], "same"))
+    if not c["tie_embeddings"]:
+        out.append(("lm_head.weight", ["lm_head.weight"], "same"))
+    return out
+
+
+def _normalize_hf_names(tensors, fam):
+    """HF names as a *ForCausalLM saves them: files saved from the base model lack the prefix, and old
+    GPT-2 files carry the causal-mask buffers attn.bias / attn.masked_bias, which are not weights."""
+    prefix = "transformer." if fam == "gpt2" else "model."
+    out = {}
+    for name, t in tensors.items():
+        if name.endswith((".attn.bias", ".attn.masked_bias", ".rotary_emb.inv_freq")):
+            continue
+        if name != "lm_head.weight" and not name.startswith(prefix):
+            name = prefix + name
+        out[name] = t
+    return out
+
+
+def state_dict_from_hf(c, tensors, where="weights"):
+    """Our state dict (float32) from HF tensors, for our config c; checks names and shapes both ways."""
+    fam = family(c)
+    tensors = _normalize_hf_names(tensors, fam)
+    if c["tie_embeddings"]:  # a tied lm_head is saved by some versions; it is the embedding
+        tensors.pop("lm_head.weight", None)
+    sd, used = {}, set()
+    for ours, theirs, how in layout(c):
+        missing = [n for n in theirs if n not in tensors]
+        if missing:
+            raise HFError(f"{where}: tensor {missing[0]!r} is missing")
+        parts = [tensors[n].float() for n in theirs]
+        sd[ours] = parts[0].t().contiguous() if how == "T" else torch.cat(parts, 0) if how == "rows" else parts[0]
+        used.update(theirs)
+    if c["tie_embeddings"]:  # one matrix under both names, as GPT.state_dict() lists it
+        sd["lm_head.weight"] = sd["transformer.wte.weight"]
+    extra = sorted(set(tensors) - used)
+    if extra:
+        raise HFError(f"{where}: tensor {extra[0]!r} has no place in a {fam} model of this config; "
+                      f"the config and the weights disagree")
+    return sd
+
+
+def state_dict_to_hf(c, sd):
+    """HF tensors for our state dict sd of config c (GPT-2 biases we lack are written as zeros)."""
+    fam, out = family(c), {}
+    sizes = {"attn.c_attn": [c["n_head"] * c["head_dim"]] + [c["n_kv_head"] * c["head_dim"]] * 2,
+             "mlp.c_fc": [c["mlp_hidden"]] * 2}
+    for ours, theirs, how in layout(c):
+        if ours not in sd:  # a bias=False GPT-2 model: its missing biases and norm shifts are zeros
+            width = sd[ours.replace(".bias", ".weight")].shape[0]
+            out[theirs[0]] = torch.zeros(width)
+            continue
+        t = sd[ours].detach().float().cpu()
+        if how == "T":
+            out[theirs[0]] = t.t().contiguous()
+        elif how == "rows":
+            key = next(k for k in sizes if k in ours)
+            for name, part in zip(theirs, t.split(sizes[key], 0)):
+                out[name] = part.contiguous()
+        else:
+            out[theirs[0]] = t.contiguous()
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# folders
+
+def is_hf_source(init_from):
+    """Whether init_from names a Hugging Face model: a folder with config.json, or a GPT-2 Hub name."""
+    if os.path.isdir(init_from):
+        return os.path.isfile(os.path.join(init_from, "config.json")) \
+            and not os.path.isfile(os.path.join(init_from, "ckpt.pt"))
+    return init_from in HUB_MODELS and not os.path.exists(init_from)
+
+
+def download(name):
+    """A local folder holding the Hub's copy of a GPT-2 model (config.json + model.safetensors)."""
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise HFError(f"init_from={name} downloads from the Hugging Face Hub and needs huggingface_hub; "
+                      f"pip install transformers") from None
+    try:
+        return snapshot_download(HUB_MODELS[name], allow_patterns=["config.json", "model.safetensors"])
+    except Exception as e:  # no network, no cache, a proxy: all end here
+        raise HFError(f"could not download {HUB_MODELS[name]} from the Hugging Face Hub ({type(e).__name__}); "
+                      f"when offline, pass init_from=PATH of a local copy (config.json + model.safetensors)") from None
+
+
+def read_tensors(path):
+    """All tensors of a folder: model.safetensors, its shards, or pytorch_model.bin."""
+    path = Path(path)
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    elif (path / "model.safetensors").is_file():
+        files = ["model.safetensors"]
+    elif (path / "pytorch_model.bin").is_file():
+        try:
+            return torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise HFError(f"could not read {path / 'pytorch_model.bin'} ({type(e).__name__})") from None
+    else:
+        raise HFError(f"{path} has config.json but no model.safetensors (or shards with an index); "
+                      f"save the model with save_pretrained")
+    try:
+        from safetensors.torch import load_file
+    except ImportError:
+        raise HFError("reading a Hugging Face folder needs the safetensors package; pip install safetensors") from None
+    tensors = {}
+    for f in files:
+        try:
+            tensors.update(load_file(path / f))
+        except Exception as e:
+            raise HFError(f"could not read {path / f} ({type(e).__name__}); it may be truncated") from None
+    return tensors
+
+
+def read_config(path):
+    try:
+        return json.loads((Path(path) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise HFError(f"could not read {Path(path) / 'config.json'} ({type(e).__name__})") from None
+
+
+def find_tokenizer(path, model_config):
+    """tokenizer meta for load_tokenizer: the folder's own tokenizer, else GPT-2's for GPT-2-sized vocabularies."""
+    path = Path(path).resolve()
+    for f in ("tokenizer.json", "tokenizer.model", "original/tokenizer.model"):
+        if (path / f).is_file():
+            return {"kind": "hf", "file": str(path / f)}
+    if model_config["positions"] == "learned" and model_config["vocab_size"] == 50257:
+        return {"kind": "gpt2"}
+    raise HFError(f"{path} has no tokenizer.json or tokenizer.model; copy the model's tokenizer files "
+                  f"into it (tiktoken reads tokenizer.model and byte-level BPE tokenizer.json)")
+
+
+def load_hf_checkpoint(source, with_tokenizer=False):
+    """A Hugging Face model as one of our checkpoints: {"model", "model_config", "tokenizer", "dataset_dir"}.
+    source is a folder or a GPT-2 Hub name; the tokenizer is looked up only when asked for."""
+    path = download(source) if source in HUB_MODELS and not os.path.exists(source) else source
+    where = str(Path(path) / "config.json") if source not in HUB_MODELS else source
+    fields = config_from_hf(read_config(path), where)
+    try:
+        config = asdict(GPTConfig(**fields))
+    except (TypeError, ValueError) as e:  # shapes our model cannot take, e.g. an odd head_dim with rope
+        raise HFError(f"{where}: {e}") from None
+    return {"model": state_dict_from_hf(config, read_tensors(path), str(path)), "model_config": config,
+            "tokenizer": find_tokenizer(path, config) if with_tokenizer else None, "dataset_dir": None}
+
+
+def export(ckpt_path, out_dir):
+    """Write checkpoint ckpt_path as a Hugging Face folder out_dir (config.json + model.safetensors)."""
+    from safetensors.torch import save_file
+    from train import load_checkpoint
+    ckpt = load_checkpoint(ckpt_path)
+    c = ckpt["model_config"]
+    tok = ckpt.get("tokenizer") or {}
+    eos = 50256 if tok.get("kind") == "gpt2" else None
+    config = config_to_hf(c, eos)  # refuses what HF cannot express, before writing anything
+    tensors = state_dict_to_hf(c, ckpt["model"])
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    if tok.get("kind") == "hf":  # the tokenizer came with an imported model: pass it on
+        src = Path(tok["file"])
+        (out / src.name).write_bytes(src.read_bytes())
+    return config
+
+
+# ----------------------------------------------------------------------------------------------
+# tokenizers of Hugging Face folders (tokenizer.py's kind "hf")
+
+# Llama 3's pre-split regex and special tokens (Meta's llama3 tokenizer.py)
+LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                  r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+LLAMA3_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>",
+                   "<|reserved_special_token_1|>", "<|finetune_right_pad_id|>", "<|step_id|>",
+                   "<|start_header_id|>", "<|end_header_id|>", "<|eom_id|>", "<|eot_id|>", "<|python_tag|>"]
+
+
+def _byte_decoder():
+    """GPT-2's byte-level alphabet inverted: the printable character standing for each byte -> the byte."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {chr(c): b for b, c in zip(bs, cs)}
+
+
+def _from_tokenizer_json(path):
+    """(pattern, ranks, specials) of a byte-level BPE tokenizer.json, if tiktoken can reproduce it."""
+    from tokenizer import GPT2_PATTERN, TokenizerError
+    data = json.loads(Path(path).read_text(encoding="utf-8"))
+    model = data.get("model") or {}
+    if model.get("type") != "BPE" or model.get("byte_fallback") or data.get("normalizer") \
+            or model.get("continuing_subword_prefix") or model.get("end_of_word_suffix"):
+        raise TokenizerError(f"{path}: only byte-level BPE without a normalizer can be read through tiktoken")
+    pre = data.get("pre_tokenizer") or {}
+    steps = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
+    pattern = None
+    for step in steps:
+        if step.get("type") == "Split" and "Regex" in step.get("pattern", {}):
+            pattern = step["pattern"]["Regex"]
+        elif step.get("type") == "ByteLevel":
+            if step.get("add_prefix_space"):
+                raise TokenizerError(f"{path}: add_prefix_space is not supported")
+            if step.get("use_regex", True):
+                pattern = GPT2_PATTERN
+        else:
+            raise TokenizerError(f"{path}: pre-tokenizer {step.get('type')!r} is not supported")
+    if pattern is None:
+        raise TokenizerError(f"{path}: no byte-level pre-tokenizer found")
+    decode = _byte_decoder()
+    try:
+        ranks = {bytes(decode[ch] for ch in piece): i for piece, i in model["vocab"].items()}
+    except KeyError:
+        raise TokenizerError(f"{path}: the vocabulary is not byte-level (a piece uses a character outside "
+                             f"GPT-2's byte alphabet)") from None
+    merges = model.get("merges", [])
+    last = -1
+    for m in merges:  # tiktoken merges by rank: the merge order must be the id order
+        a, b = m.split(" ", 1) if isinstance(m, str) else m
+        rank = ranks.get(bytes(decode[ch] for ch in a + b))
+        if rank is None or rank < last:  # equal: two splits of one token (tokenizers converted from tiktoken)
+            raise TokenizerError(f"{path}: merges are not in the order of token ids; tiktoken cannot reproduce them")
+        last = rank
+    if any(bytes([b]) not in ranks for b in range(256)):
+        raise TokenizerError(f"{path}: the vocabulary lacks some of the 256 single bytes")
+    specials = {}
+    for t in data.get("added_tokens", []):  # special tokens are never produced from text (encode_ordinary)
+        ranks.pop(t["content"].encode("utf-8"), None)
+        specials[t["content"]] = t["id"]
+    return pattern, ranks, specials
+
+
+def _from_tiktoken_file(path):
+    """(pattern, ranks, specials) of Meta's tokenizer.model for Llama 3: base64 token and rank per line."""
+    from tokenizer import TokenizerError
+    ranks = {}
+    try:
+        for line in Path(path).read_text(encoding="utf-8").splitlines():
+            if line:
+                token, rank = line.split()
+                ranks[base64.b64decode(token)] = int(rank)
+    except (ValueError, UnicodeDecodeError):
+        raise TokenizerError(f"{path} is not a tiktoken BPE file (a SentencePiece model, as Llama 1 and 2 use, "
+                             f"is not supported); provide tokenizer.json") from None
+    n = len(ranks)
+    names = LLAMA3_SPECIALS + [f"<|reserved_special_token_{i}|>" for i in range(2, 256 - len(LLAMA3_SPECIALS) + 2)]
+    return LLAMA3_PATTERN, ranks, {name: n + i for i, name in enumerate(names[:256])}
+
+
+def hf_tokenizer(meta):
+    """A TiktokenTokenizer for a Hugging Face folder's tokenizer.json or tokenizer.model (meta["file"])."""
+    import tiktoken
+    from tokenizer import TiktokenTokenizer, TokenizerError
+    path = meta.get("file", "")
+    if not os.path.isfile(path):
+        raise TokenizerError(f"tokenizer file {path!r} not found; it was recorded when the model was imported")
+    pattern, ranks, specials = (_from_tokenizer_json if path.endswith(".json") else _from_tiktoken_file)(path)
+    enc = tiktoken.Encoding(name=f"hf-{Path(path).parent.name}", pat_str=pattern, mergeable_ranks=ranks,
+                            special_tokens=specials)
+    tok = TiktokenTokenizer(enc, "hf", {"file": path})
+    for start in ("<|begin_of_text|>", "<|endoftext|>"):  # sample.py starts an empty prompt with it
+        if start in specials:
+            tok.eot_token = specials[start]
+            break
+    return tok
+
+
+# ----------------------------------------------------------------------------------------------
+# command line
+
+def main(argv):
+    parser = argparse.ArgumentParser(prog="hf.py", description=__doc__.strip().splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    ex = sub.add_parser("export", help="write one of our checkpoints as a Hugging Face folder")
+    ex.add_argument("--ckpt", required=True, help="ckpt.pt, or the out_dir holding it")
+    ex.add_argument("--out", required=True, help="folder to write config.json and model.safetensors into")
+    im = sub.add_parser("import", help="convert a Hugging Face model into out/ckpt.pt")
+    im.add_argument("--src", required=True, help="a Hugging Face folder, or gpt2 | gpt2-medium | gpt2-large | gpt2-xl")
+    im.add_argument("--out", required=True, help="folder to write ckpt.pt into")
+    args = parser.parse_args(argv)
+    if args.command == "export":
+        config = export(args.ckpt, args.out)
+        print(f"wrote {config['architectures'][0]} to {args.out}")
+    else:
+        if not is_hf_source(args.src):
+            raise HFError(f"{args.src} is neither a folder with config.json nor one of {', '.join(HUB_MODELS)}")
+        from train import save_checkpoint
+        ckpt = load_hf_checkpoint(args.src, with_tokenizer=True)
+        os.makedirs(args.out, exist_ok=True)
+        save_checkpoint({**ckpt, "config": {}, "iter_num": 0, "best_val_loss": float("inf")}, args.out)
+        print(f"wrote {os.path.join(args.out, 'ckpt.pt')}")
+
+
+if __name__ == "__main__":
+    from tokenizer import TokenizerError
+    from train import TrainError
+    try:
+        main(sys.argv[1:])
+    except (ConfigError, TrainError, TokenizerError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
