@@ -13,7 +13,8 @@ Design choices, each a switch in GPTConfig:
   Two paths with the same result: "fused" calls F.scaled_dot_product_attention (Flash kernels on
   GPUs that have them), "explicit" spells out softmax(Q K^T / sqrt(d) + causal mask) V.
 - the lm_head may share its weight with the token embedding (tied, GPT-2) or not (LLaMA-3 8B).
-- init: N(0, 0.02) everywhere, residual output projections scaled by 1/sqrt(2 n_layer) (GPT-2).
+- init: N(0, 0.02) everywhere, residual output projections scaled by 1/sqrt(2 n_layer) (GPT-2), or
+  zero (zero_init_proj, as recent speedrun recipes do: every block starts as the identity).
 """
 import math
 from dataclasses import dataclass, fields
@@ -49,6 +50,7 @@ class GPTConfig:
     qk_norm: bool = False         # RMS-normalise q and k per head before attention
     tie_embeddings: bool = True   # lm_head shares the token embedding matrix
     attn_impl: str = "fused"      # fused | explicit (same numbers; explicit is for reading and tests)
+    zero_init_proj: bool = False  # start the residual output projections (c_proj) at zero: blocks begin as identity
 
     def __post_init__(self):
         choices = {"norm": ("layernorm", "rmsnorm"), "positions": ("learned", "rope"),
@@ -267,6 +269,8 @@ class GPT(nn.Module):
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):  # residual branches add up over 2 n_layer sublayers
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+                if config.zero_init_proj:
+                    nn.init.zeros_(p)
 
     def _init_weights(self, module):
         if isinstance(module, nn.Linear):
@@ -282,6 +286,32 @@ class GPT(nn.Module):
         if non_embedding and "wpe" in self.transformer:
             n -= self.transformer.wpe.weight.numel()
         return n
+
+    def param_counts(self):
+        """Parameters by part: embeddings, attention, mlp, norms, head (when untied)."""
+        parts = {"embeddings": 0, "attention": 0, "mlp": 0, "norms": 0, "head": 0}
+        seen = set()
+        for name, p in self.named_parameters():
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
+            part = ("embeddings" if name.startswith(("transformer.wte", "transformer.wpe")) else
+                    "attention" if ".attn." in name and "_norm" not in name else
+                    "mlp" if ".mlp." in name else
+                    "head" if name.startswith("lm_head") else "norms")
+            parts[part] += p.numel()
+        return parts
+
+    def describe(self):
+        """A few lines: parameters by part and training FLOPs per token."""
+        counts = self.param_counts()
+        total = sum(counts.values())
+        lines = [f"parameters: {total:,} ({total / 1e6:.2f}M)"]
+        lines += [f"  {part:<11}{n:>14,}  {100 * n / total:5.1f}%" for part, n in counts.items() if n]
+        lines.append(f"training FLOPs per token: {self.flops_per_token() / 1e6:,.2f}M "
+                     f"(6 x {self.get_num_params():,} non-position parameters + attention over "
+                     f"{self.config.block_size} positions)")
+        return "\n".join(lines)
 
     def forward(self, idx, targets=None, label_smoothing=0.0):
         """idx (B, T) token ids -> logits (B, T, vocab); with targets (B, T), also the mean

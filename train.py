@@ -66,10 +66,16 @@ class TrainConfig:
     beta2: float = 0.95                   # AdamW beta2
     grad_clip: float = 1.0                # clip the gradient's global norm to this; 0 disables
     label_smoothing: float = 0.0          # cross-entropy label smoothing, as torch's F.cross_entropy
-    # learning-rate schedule: linear warmup, then cosine decay to min_lr
+    optimizer: str = "adamw"              # adamw | muon (Muon for the matrices in the blocks, AdamW for the rest)
+    muon_lr: float = 0.02                 # Muon's peak learning rate (follows the same schedule)
+    muon_momentum: float = 0.95           # Muon's momentum
+    muon_match_adamw: bool = False        # scale Muon's update to AdamW's RMS (then muon_lr ~ learning_rate)
+    # learning-rate schedule: linear warmup, then decay to min_lr
     decay_lr: bool = True                 # False keeps learning_rate constant after warmup
+    lr_schedule: str = "cosine"           # cosine | wsd (warmup, stable, then linear warm-down)
     warmup_iters: int = 100               # iterations of linear warmup
-    lr_decay_iters: int = 0               # iteration where the cosine reaches min_lr; 0 means max_iters
+    warmdown_iters: int = 0               # wsd: iterations of the final linear decay
+    lr_decay_iters: int = 0               # iteration where the schedule reaches min_lr; 0 means max_iters
     min_lr: float = 6e-5                  # floor of the schedule, about learning_rate / 10
     # system
     device: str = "auto"                  # auto | cpu | cuda | cuda:N | mps
@@ -78,6 +84,7 @@ class TrainConfig:
     backend: str = "auto"                 # torch.distributed backend: auto (nccl on CUDA, gloo on CPU) | nccl | gloo
     seed: int = 1337                      # seeds weights, dropout and batch sampling
     peak_flops: float = 0.0               # device peak FLOP/s for MFU; 0 looks the GPU up in a table
+    bench: int = 0                        # >0: time this many training steps and sampling, print the figures, save nothing
 
 
 ARCH_KEYS = [k for k in GPTConfig.keys() if k not in ("attn_impl",)]
@@ -193,13 +200,37 @@ class Batches:
 # -----------------------------------------------------------------------------------------------
 # optimization
 
-def make_optimizer(model, cfg, device_type):
-    """AdamW; weight decay only on matrices (linear weights, embeddings), not on biases and norms."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": cfg["weight_decay"]},
-              {"params": no_decay, "weight_decay": 0.0}]
+class Optimizers:
+    """Several optimizers stepped as one, e.g. Muon for the hidden matrices and AdamW for the rest."""
+
+    def __init__(self, *optimizers):
+        self.optimizers = optimizers
+
+    @property
+    def param_groups(self):
+        return [g for opt in self.optimizers for g in opt.param_groups]
+
+    @property
+    def state(self):  # GradScaler looks here
+        return {k: v for opt in self.optimizers for k, v in opt.state.items()}
+
+    def step(self):
+        for opt in self.optimizers:
+            opt.step()
+
+    def zero_grad(self, set_to_none=True):
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self):
+        return {"optimizers": [opt.state_dict() for opt in self.optimizers]}
+
+    def load_state_dict(self, state):
+        for opt, s in zip(self.optimizers, state["optimizers"]):
+            opt.load_state_dict(s)
+
+
+def adamw(groups, cfg, device_type):
     # the fused kernel does the whole update in one pass; available on CUDA and, lately, CPU
     kwargs = dict(lr=cfg["learning_rate"], betas=(cfg["beta1"], cfg["beta2"]))
     try:
@@ -208,8 +239,35 @@ def make_optimizer(model, cfg, device_type):
         return torch.optim.AdamW(groups, foreach=True, **kwargs)
 
 
+def make_optimizer(model, cfg, device_type):
+    """AdamW with weight decay on matrices (linear weights, embeddings) only, not on biases and norms;
+    or, with optimizer=muon, Muon for the matrices inside the blocks and AdamW for everything else."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if cfg["optimizer"] == "muon":
+        hidden = [p for n, p in named if p.dim() == 2 and n.startswith("transformer.h.")]
+        rest = [(n, p) for n, p in named if not (p.dim() == 2 and n.startswith("transformer.h."))]
+        muon = torch.optim.Muon([{"params": hidden, "base_lr": cfg["muon_lr"]}], lr=cfg["muon_lr"],
+                                weight_decay=cfg["weight_decay"], momentum=cfg["muon_momentum"],
+                                adjust_lr_fn="match_rms_adamw" if cfg["muon_match_adamw"] else "original")
+        groups = [{"params": [p for _, p in rest if p.dim() >= 2], "weight_decay": 0.0},
+                  {"params": [p for _, p in rest if p.dim() < 2], "weight_decay": 0.0}]
+        return Optimizers(muon, adamw(groups, cfg, device_type))
+    if cfg["optimizer"] != "adamw":
+        raise TrainError(f"optimizer={cfg['optimizer']!r} is not one of adamw, muon")
+    groups = [{"params": [p for _, p in named if p.dim() >= 2], "weight_decay": cfg["weight_decay"]},
+              {"params": [p for _, p in named if p.dim() < 2], "weight_decay": 0.0}]
+    return adamw(groups, cfg, device_type)
+
+
+def set_lr(optimizer, lr, cfg):
+    """Every group follows the schedule, scaled from its own peak (Muon's differs from AdamW's)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("base_lr", cfg["learning_rate"]) / cfg["learning_rate"]
+
+
 def get_lr(it, cfg):
-    """Linear warmup for warmup_iters, then cosine decay to min_lr at lr_decay_iters."""
+    """Linear warmup for warmup_iters, then down to min_lr at lr_decay_iters: along a cosine, or
+    (lr_schedule=wsd) flat until the last warmdown_iters and linear from there."""
     lr, min_lr, warmup = cfg["learning_rate"], cfg["min_lr"], cfg["warmup_iters"]
     decay_iters = cfg["lr_decay_iters"] or cfg["max_iters"]
     if it < warmup:
@@ -218,6 +276,9 @@ def get_lr(it, cfg):
         return lr
     if it >= decay_iters:
         return min_lr
+    if cfg["lr_schedule"] == "wsd":
+        start = max(warmup, decay_iters - cfg["warmdown_iters"])
+        return lr if it < start else lr - (lr - min_lr) * (it - start) / max(1, decay_iters - start)
     progress = (it - warmup) / max(1, decay_iters - warmup)
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (lr - min_lr)
 
@@ -554,6 +615,51 @@ def build_model(cfg, explicit, vocab_size):
 
 
 # -----------------------------------------------------------------------------------------------
+# benchmark: the figures behind every speed claim in the README
+
+def sync(device):
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def peak_memory_mb(device):
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated() / 2**20
+    import resource  # CPU: the process's peak resident memory (kB on Linux)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def benchmark(cfg, model, train_step, batches, local_accum, rank, tokens_per_iter, peak, device, warmup=5):
+    """Time cfg["bench"] training steps after a warmup, then sampling; one line per figure."""
+    steps = cfg["bench"]
+    for i in range(warmup + steps):
+        if i == warmup:
+            sync(device)
+            t0 = time.perf_counter()
+        starts = batches.draw(cfg["gradient_accumulation_steps"])
+        loss = train_step(starts[rank * local_accum:(rank + 1) * local_accum])
+    loss.item()
+    sync(device)
+    dt = (time.perf_counter() - t0) / steps
+    if rank != 0:
+        return
+    print(f"train ms/iter: {dt * 1000:.2f}")
+    print(f"train tokens/s: {tokens_per_iter / dt:,.0f}")
+    print(f"train mfu: {model.estimate_mfu(tokens_per_iter, dt, peak) * 100:.1f}%" if peak else
+          "train mfu: n/a (no peak FLOP/s known for this device; set peak_flops)")
+    print(f"peak memory: {peak_memory_mb(device):,.0f} MB")
+    model.eval()
+    n_new = min(256, 4 * model.config.block_size)
+    prompt = torch.zeros(1, 1, dtype=torch.long, device=device)
+    model.generate(prompt, 8, temperature=1.0)  # warm up
+    sync(device)
+    t0 = time.perf_counter()
+    model.generate(prompt, n_new, temperature=1.0)
+    sync(device)
+    print(f"sample tokens/s: {n_new / (time.perf_counter() - t0):,.1f} (batch 1, {n_new} tokens)")
+
+
+# -----------------------------------------------------------------------------------------------
 # the run
 
 def main(argv):
@@ -598,8 +704,9 @@ def main(argv):
 
     if master:
         os.makedirs(cfg["out_dir"], exist_ok=True)
-        print(f"model: {model.get_num_params() / 1e6:.2f}M parameters, {model.config.n_layer} layers, "
-              f"{model.config.n_head} heads, {model.config.n_embd} wide, block_size {block_size}")
+        print(f"model: {model.config.n_layer} layers, {model.config.n_head} heads, {model.config.n_embd} wide, "
+              f"block_size {block_size}, {model.config.norm}, {model.config.positions} positions, {model.config.mlp}")
+        print(model.describe())
         print(f"tokens per iteration: {tokens_per_iter:,} ({world} process(es) x {local_accum} micro-batches "
               f"x {cfg['batch_size']} x {block_size}); device {device}, {dtype}")
     if device_type == "cuda":
@@ -614,17 +721,18 @@ def main(argv):
         model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None)
 
     metrics_mode = "a" if cfg["init_from"] == "resume" else "w"  # a resumed run continues its log
-    if master and cfg["init_from"] == "resume":
+    writes = master and not cfg["bench"]  # a benchmark leaves no files
+    if writes and cfg["init_from"] == "resume":
         trim_metrics(os.path.join(cfg["out_dir"], "metrics.jsonl"), iter_num)
-    metrics = open(os.path.join(cfg["out_dir"], "metrics.jsonl"), metrics_mode) if master else None
+    metrics = open(os.path.join(cfg["out_dir"], "metrics.jsonl"), metrics_mode) if writes else None
     wandb_run = None
-    if cfg["wandb_log"] and master:
+    if cfg["wandb_log"] and writes:
         import wandb
         wandb_run = wandb.init(project=cfg["wandb_project"], name=cfg["wandb_run_name"], config=cfg,
                                dir=cfg["out_dir"])
 
     def log(record):
-        if master:
+        if writes:
             metrics.write(json.dumps(record) + "\n")
             metrics.flush()
             if wandb_run is not None:
@@ -711,6 +819,9 @@ def main(argv):
                         cfg["out_dir"], cfg["keep_checkpoints"])
 
     peak = cfg["peak_flops"] or peak_flops_of(device_type)
+    if cfg["bench"]:  # every process takes part in the timed steps; rank 0 reports
+        benchmark(cfg, raw_model, train_step, splits["train"], local_accum, rank, tokens_per_iter, peak, device)
+        return
     max_iters, start_iter = cfg["max_iters"], iter_num
     t_last, iters_since = time.time(), 0
     run_start = time.time()
@@ -739,8 +850,7 @@ def main(argv):
             break
 
         lr = get_lr(iter_num, cfg)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        set_lr(optimizer, lr, cfg)
         starts = splits["train"].draw(cfg["gradient_accumulation_steps"])
         loss = train_step(starts[rank * local_accum:(rank + 1) * local_accum])
         iter_num += 1
@@ -764,7 +874,7 @@ def main(argv):
 
     if stop is not None:
         stop.restore()
-    if master:
+    if writes:
         metrics.close()
         if wandb_run is not None:
             wandb_run.finish()

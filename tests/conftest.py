@@ -13,10 +13,6 @@ SHAKESPEARE = SHARED / "data" / "tinyshakespeare" / "input.txt"
 sys.path.insert(0, str(REPO))
 
 
-def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: takes more than a few seconds; run with -m slow")
-
-
 @pytest.fixture(scope="session")
 def tiktoken_cache(tmp_path_factory):
     """GPT-2's vocabulary laid out as tiktoken's cache, so get_encoding('gpt2') works offline."""

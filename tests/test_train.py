@@ -1,5 +1,5 @@
 """train.py and sample.py, run as a user runs them, on a tiny model and corpus."""
-import shutil
+import os
 import subprocess
 import sys
 
@@ -85,16 +85,13 @@ def test_wandb_offline_logging_writes_a_run(workdir):
     assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
 
 
-@pytest.mark.slow
 def test_two_processes_under_torchrun_match_one_process(workdir):
-    if shutil.which("torchrun") is None and not (REPO / ".." / "venv").exists():
-        pass
     common = [*TINY_MODEL, "--max_iters=10", "--eval_interval=5", "--log_interval=1",
               "--gradient_accumulation_steps=4", "--batch_size=4"]
     run_script("train.py", *common, "--out_dir=one", cwd=workdir)
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                            str(REPO / "train.py"), *common, "--out_dir=two"], cwd=workdir, capture_output=True,
-                          text=True, timeout=300, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+                          text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     one, two = read_metrics(workdir / "one"), read_metrics(workdir / "two")
     assert len(one) == len(two) > 10
@@ -102,3 +99,33 @@ def test_two_processes_under_torchrun_match_one_process(workdir):
         for key in ("loss", "train/loss", "val/loss"):
             if key in a:
                 assert b[key] == pytest.approx(a[key], abs=1e-5), (a["iter"], key)
+
+
+def test_bench_mode_prints_each_figure_and_saves_nothing(workdir):
+    proc = train(workdir, "--out_dir=bench", "--bench=3")
+    for figure in ("train ms/iter:", "train tokens/s:", "train mfu:", "peak memory:", "sample tokens/s:"):
+        assert figure in proc.stdout
+    assert not (workdir / "bench" / "ckpt.pt").exists() and not (workdir / "bench" / "metrics.jsonl").exists()
+
+
+def test_the_log_shows_the_parameter_count_by_part(workdir):
+    proc = train(workdir, "--out_dir=out", "--max_iters=1")
+    for part in ("embeddings", "attention", "mlp", "norms", "training FLOPs per token"):
+        assert part in proc.stdout
+
+
+def test_lr_schedules_warm_up_then_reach_min_lr():
+    from train import TrainConfig, get_lr
+    from dataclasses import asdict
+    cfg = dict(asdict(TrainConfig()), learning_rate=1.0, min_lr=0.1, warmup_iters=10, max_iters=100)
+    assert get_lr(0, cfg) < get_lr(9, cfg) < 1.0 and get_lr(10, cfg) == pytest.approx(1.0)
+    assert get_lr(55, cfg) == pytest.approx(0.55) and get_lr(100, cfg) == pytest.approx(0.1)
+    wsd = dict(cfg, lr_schedule="wsd", warmdown_iters=20)
+    assert get_lr(79, wsd) == 1.0 and get_lr(90, wsd) == pytest.approx(0.55) and get_lr(100, wsd) == 0.1
+
+
+def test_muon_trains_the_block_matrices_and_lowers_the_loss(workdir):
+    train(workdir, "--out_dir=muon", "--max_iters=30", "--eval_interval=30", "--optimizer=muon",
+          "--muon_lr=0.02", "--lr_schedule=wsd", "--warmdown_iters=10")
+    evals = [r for r in read_metrics(workdir / "muon") if "val/loss" in r]
+    assert evals[-1]["val/loss"] < evals[0]["val/loss"] - 0.5

@@ -1,0 +1,92 @@
+"""
+Plot training runs from their metrics.jsonl: loss against iterations and against tokens, and the
+learning rate. Several runs share the axes, one colour each.
+
+  python plot.py out-shakespeare-char-cpu                      # writes out-shakespeare-char-cpu/loss.png
+  python plot.py out-a out-b --labels gpt2,llama --out compare.png
+
+Needs matplotlib (pip install matplotlib); nothing else in the repository does.
+"""
+import argparse
+import json
+import os
+import sys
+
+
+class PlotError(RuntimeError):
+    """Bad input; printed as one line."""
+
+
+def read_run(out_dir):
+    """The log lines (train loss, lr) and eval lines (train/val loss) of one run."""
+    path = os.path.join(out_dir, "metrics.jsonl")
+    if not os.path.isfile(path):
+        raise PlotError(f"no metrics.jsonl in {out_dir}; train.py writes it into its out_dir")
+    logs, evals = [], []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, start=1):
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                raise PlotError(f"{path} line {n} is not JSON; is this a train.py metrics file?") from None
+            if "val/loss" in record:
+                evals.append(record)
+            elif "loss" in record:
+                logs.append(record)
+    if not logs and not evals:
+        raise PlotError(f"{path} holds no loss records yet")
+    return logs, evals
+
+
+def plot(runs, labels, out_path):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")  # files only, no screen needed
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise PlotError("plot.py needs matplotlib: pip install matplotlib") from None
+    fig, (ax_it, ax_tok, ax_lr) = plt.subplots(1, 3, figsize=(16, 4.5))
+    for (logs, evals), label, color in zip(runs, labels, plt.rcParams["axes.prop_cycle"].by_key()["color"] * 10):
+        for ax, x in ((ax_it, "iter"), (ax_tok, "tokens")):
+            if logs:
+                ax.plot([r[x] for r in logs], [r["loss"] for r in logs], color=color, alpha=0.35, lw=1)
+            if evals:
+                ax.plot([r[x] for r in evals], [r["val/loss"] for r in evals], "o-", color=color, ms=3,
+                        label=f"{label} val")
+                ax.plot([r[x] for r in evals], [r["train/loss"] for r in evals], "--", color=color, lw=1,
+                        label=f"{label} train")
+        if logs:
+            ax_lr.plot([r["iter"] for r in logs], [r["lr"] for r in logs], color=color, label=label)
+    ax_it.set(xlabel="iteration", ylabel="loss", title="loss (faint: every log line)")
+    ax_tok.set(xlabel="tokens seen", ylabel="loss", title="loss against tokens")
+    ax_lr.set(xlabel="iteration", ylabel="learning rate", title="learning rate")
+    for ax in (ax_it, ax_tok, ax_lr):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out_path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv):
+    p = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("out_dirs", nargs="+", help="run folders holding metrics.jsonl")
+    p.add_argument("--labels", default="", help="comma-separated names for the runs (default: folder names)")
+    p.add_argument("--out", default="", help="PNG to write (default: loss.png in the first run's folder)")
+    args = p.parse_args(argv)
+    labels = args.labels.split(",") if args.labels else [os.path.basename(os.path.normpath(d)) for d in args.out_dirs]
+    if len(labels) != len(args.out_dirs):
+        raise PlotError(f"{len(labels)} labels for {len(args.out_dirs)} runs; give one label per run")
+    runs = [read_run(d) for d in args.out_dirs]
+    out_path = args.out or os.path.join(args.out_dirs[0], "loss.png")
+    plot(runs, labels, out_path)
+    print(f"wrote {out_path}")
+
+
+if __name__ == "__main__":
+    try:
+        main(sys.argv[1:])
+    except PlotError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
