@@ -52,7 +52,7 @@ class TrainConfig:
     wandb_project: str = "gpt"            # wandb project name
     wandb_run_name: str = "run"           # wandb run name
     keep_checkpoints: int = 0             # also keep ckpt-ITER.pt of the last N saves (hard links); 0: only ckpt.pt
-    nan_policy: str = "stop"              # on a nan/inf loss: stop (the last checkpoint is kept) | skip (drop that step)
+    nan_policy: str = "stop"              # on a nan/inf loss: stop (keeping the last checkpoint) | skip that step
     debug: bool = False                   # on an error, show the full traceback instead of one line
     # data
     dataset: str = "shakespeare_char"     # a folder under data/ made by prepare.py, or a path to one
@@ -493,6 +493,7 @@ def model_is_finite(model):
 
 # settings that shape the weights or the meaning of token ids: a resumed run must match them
 RESUME_FIXED = [k for k in ARCH_KEYS if k != "dropout"]
+RESUME_FIXED_RUN = ["optimizer"]  # the saved optimizer state only fits the same optimizer
 
 
 def check_resume(cfg, explicit, ckpt, meta):
@@ -504,6 +505,9 @@ def check_resume(cfg, explicit, ckpt, meta):
         derived = k in ("n_kv_head", "head_dim", "mlp_hidden") and cfg[k] == 0  # 0 means "derive it"
         if k in explicit and k in arch and cfg[k] != arch[k] and not derived:
             diffs.append(f"{k} {arch[k]!r} -> {cfg[k]!r}")
+    for k in RESUME_FIXED_RUN:
+        if k in saved and k in cfg and saved[k] != cfg[k]:
+            diffs.append(f"{k} {saved[k]!r} -> {cfg[k]!r}")
     if arch.get("vocab_size") != meta["vocab_size"]:
         diffs.append(f"vocab_size {arch.get('vocab_size')} -> {meta['vocab_size']}")
     if "tokenizer" in ckpt and ckpt["tokenizer"] != meta["tokenizer"]:
@@ -512,7 +516,7 @@ def check_resume(cfg, explicit, ckpt, meta):
         raise TrainError(f"cannot resume: the checkpoint differs in {'; '.join(diffs)}; resume with the "
                          f"checkpoint's settings and data, or start a new run from it with --init_from=PATH")
     return [f"{k} {saved[k]!r} -> {cfg[k]!r}" for k in cfg
-            if k in saved and k not in RESUME_FIXED and k not in ("init_from", "debug") and saved[k] != cfg[k]]
+            if k in saved and k not in RESUME_FIXED + RESUME_FIXED_RUN + ["init_from", "debug"] and saved[k] != cfg[k]]
 
 
 def describe_tokenizer(tok):
@@ -693,7 +697,12 @@ def main(argv):
     scaler = torch.amp.GradScaler(device_type, enabled=dtype == "float16")
     resumed_evaluated = True  # whether the checkpoint's iteration was already evaluated
     if cfg["init_from"] == "resume":
-        optimizer.load_state_dict(ckpt["optimizer"])
+        try:
+            optimizer.load_state_dict(ckpt["optimizer"])
+        except (ValueError, KeyError, RuntimeError) as e:
+            why = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise TrainError(f"the checkpoint's optimizer state does not fit this run ({why}); "
+                             f"resume with the checkpoint's settings") from None
         iter_num, best_val_loss = ckpt["iter_num"], ckpt["best_val_loss"]
         if "train_generator" in ckpt:
             splits["train"].generator.set_state(ckpt["train_generator"])

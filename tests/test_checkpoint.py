@@ -64,7 +64,8 @@ def test_a_run_stopped_at_k_and_resumed_logs_the_uninterrupted_runs_losses_bit_f
     assert len(full) == 25 and curve(tmp_path / "out") == full  # dropout is on: the RNG states resume too
 
 
-def test_sigterm_finishes_the_step_saves_exits_0_and_says_how_to_resume(trained, tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_stop_signal_finishes_the_step_saves_exits_0_says_how_to_resume_and_resumes_exactly(trained, tmp_path, sig):
     shutil.copytree(trained / "data", tmp_path / "data")
     args = [sys.executable, str(REPO / "train.py"), *RUN, "--out_dir=out", "--max_iters=20"]
     proc = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -73,11 +74,11 @@ def test_sigterm_finishes_the_step_saves_exits_0_and_says_how_to_resume(trained,
     for line in proc.stdout:  # stop it mid-run, between two evaluations
         lines.append(line)
         if line.startswith("iter 7:"):
-            proc.send_signal(signal.SIGTERM)
+            proc.send_signal(sig)
             break
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err
-    stopped = [l for l in out.splitlines() if l.startswith("stopped by SIGTERM")]
+    stopped = [l for l in out.splitlines() if l.startswith(f"stopped by {sig.name}")]
     assert len(stopped) == 1 and "resume with: python train.py" in stopped[0] and "--init_from=resume" in stopped[0]
     k = int(stopped[0].split("at iteration ")[1].split(";")[0])
     assert 7 <= k < 20 and torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)["iter_num"] == k
@@ -258,6 +259,7 @@ def test_bad_data_is_one_line_a_nonzero_exit_and_an_untouched_checkpoint(trained
 
 BAD_SETTINGS = [
     (["--init_from=resume", "--n_layer=3"], "cannot resume: the checkpoint differs in n_layer 2 -> 3"),
+    (["--init_from=resume", "--optimizer=muon"], "the checkpoint differs in optimizer 'adamw' -> 'muon'"),
     (["--init_from=resume", "--block_size=100000"], "fewer than block_size+1"),
     (["--init_from=resume", "--n_layr=3"], "did you mean 'n_layer'"),
     (["--init_from=resume", "--max_iters=lots"], "max_iters must be int"),
