@@ -909,11 +909,15 @@ def stop_and_save(stop, save, iter_num, start_iter, best_val_loss, cfg, argv, wo
     if iter_num > start_iter:
         save(best_val_loss, evaluated=False)
         where = f"checkpoint saved to {os.path.join(cfg['out_dir'], 'ckpt.pt')}"
+    elif cfg["init_from"] != "resume":  # a scratch or fine-tuning run stopped before its first step
+        where = "no step taken, nothing saved; run the same command again"
     else:
-        where = "no step since the start, nothing new to save"
+        where = "no step since the checkpoint, nothing new to save"
     if master:
-        print(f"stopped by {stop.name or 'a signal to another process'} at iteration {iter_num}; {where}; "
-              f"resume with: {resume_command(argv, world)}", flush=True)
+        resumable = iter_num > start_iter or cfg["init_from"] == "resume"
+        then = f"; resume with: {resume_command(argv, world)}" if resumable else ""
+        print(f"stopped by {stop.name or 'a signal to another process'} at iteration {iter_num}; {where}{then}",
+              flush=True)
 
 
 def cli(argv):
