@@ -6,12 +6,23 @@ Train a GPT on a prepared dataset: on a laptop CPU, one GPU, or many with torchr
 
 Settings: the defaults below (TrainConfig, and GPTConfig in model.py for the architecture),
 then a config file, then --key=value. `python train.py --help` lists them all.
-Writes to out_dir: ckpt.pt (model, optimizer, settings, iteration) and metrics.jsonl (one JSON
-object per log or eval line).
+Writes to out_dir: ckpt.pt (model, optimizer, settings, iteration, random states), ckpt.json (a
+JSON summary of it) and metrics.jsonl (one JSON object per log or eval line).
+
+Never lose a run: checkpoints are written whole or not at all (temporary file, fsync, rename), and
+--init_from=resume continues exactly where the checkpoint left off (same losses, bit for bit on CPU
+float32). SIGTERM or Ctrl-C finishes the step, saves, and prints the command that resumes. A nan or
+inf loss stops the run (nan_policy=skip drops the step instead) and never overwrites a good
+checkpoint. To resume with a larger max_iters on the same schedule, set lr_decay_iters: its default
+0 means "max_iters", so the cosine would stretch to the new end.
 """
+import errno
 import json
 import math
 import os
+import random
+import shlex
+import signal
 import sys
 import time
 from contextlib import nullcontext
@@ -40,6 +51,9 @@ class TrainConfig:
     wandb_log: bool = False               # also log to Weights & Biases (WANDB_MODE=offline works offline)
     wandb_project: str = "gpt"            # wandb project name
     wandb_run_name: str = "run"           # wandb run name
+    keep_checkpoints: int = 0             # also keep ckpt-ITER.pt of the last N saves (hard links); 0: only ckpt.pt
+    nan_policy: str = "stop"              # on a nan/inf loss: stop (keeping the last checkpoint) | skip that step
+    debug: bool = False                   # on an error, show the full traceback instead of one line
     # data
     dataset: str = "shakespeare_char"     # a folder under data/ made by prepare.py, or a path to one
     batch_size: int = 12                  # sequences per micro-batch (per process)
@@ -88,11 +102,60 @@ class TrainError(RuntimeError):
 def resolve_dataset(dataset):
     path = dataset if os.path.isdir(dataset) else os.path.join("data", dataset)
     meta_path = os.path.join(path, "meta.json")
+    if os.path.isdir(path) and not os.path.isfile(meta_path):
+        raise TrainError(f"dataset folder {path} has no meta.json; re-run prepare.py to build it")
     if not os.path.isfile(meta_path):
         raise TrainError(f"dataset {dataset!r} not found (no {meta_path}); "
                          f"build it first, e.g. python prepare.py shakespeare_char")
-    with open(meta_path, encoding="utf-8") as f:
-        return path, json.load(f)
+    try:
+        with open(meta_path, encoding="utf-8") as f:
+            meta = json.load(f)
+    except (ValueError, OSError) as e:
+        raise TrainError(f"{meta_path} is not readable JSON ({type(e).__name__}); re-run prepare.py") from None
+    check_meta(meta, meta_path)
+    return path, meta
+
+
+def check_meta(meta, meta_path):
+    if not isinstance(meta, dict) or any(k not in meta for k in ("vocab_size", "dtype", "tokenizer")):
+        raise TrainError(f"{meta_path} lacks vocab_size, dtype or tokenizer; re-run prepare.py")
+    try:
+        dtype = np.dtype(meta["dtype"])
+    except TypeError:
+        dtype = None
+    if dtype is None or dtype.kind != "u":
+        raise TrainError(f"{meta_path} names dtype {meta['dtype']!r}, not an unsigned integer type; re-run prepare.py")
+    if not isinstance(meta["vocab_size"], int) or meta["vocab_size"] < 1:
+        raise TrainError(f"{meta_path} has vocab_size {meta['vocab_size']!r}; re-run prepare.py")
+
+
+def largest_token(path, dtype, whole=1 << 26, chunk=1 << 22):
+    """The largest token id in a .bin: every token of a file up to `whole` tokens, else 32 spread chunks."""
+    data = np.memmap(path, dtype=dtype, mode="r")
+    n = len(data)
+    if n <= whole:
+        starts = range(0, n, chunk)
+    else:  # a sample keeps startup fast on billions of tokens; a wrong dtype shows up anywhere
+        chunk = 1 << 20
+        starts = sorted({int(i) for i in np.linspace(0, n - chunk, 32)})
+    return max(int(data[s:s + chunk].max()) for s in starts)
+
+
+def check_bins(data_dir, meta):
+    """The bins agree with meta.json: whole tokens of its dtype, every id below its vocab_size."""
+    dtype = np.dtype(meta["dtype"])
+    for split in ("train", "val"):
+        path = os.path.join(data_dir, f"{split}.bin")
+        if not os.path.isfile(path):
+            raise TrainError(f"{path} is missing; re-run prepare.py for this dataset")
+        size = os.path.getsize(path)
+        if size == 0 or size % dtype.itemsize:
+            raise TrainError(f"{path} is {size:,} bytes, not a whole number of {dtype.name} tokens; it is truncated "
+                             f"or does not belong to this meta.json; re-run prepare.py")
+        top = largest_token(path, dtype)
+        if top >= meta["vocab_size"]:
+            raise TrainError(f"{path} holds token id {top} but meta.json's vocab_size is {meta['vocab_size']}; "
+                             f"the bins and meta.json disagree; re-run prepare.py")
 
 
 def check_data_length(data_dir, meta, block_size):
@@ -284,20 +347,245 @@ def load_checkpoint(path):
     if not os.path.isfile(path):
         raise TrainError(f"no checkpoint at {path}; train one first, or check init_from / out_dir")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise TrainError(f"could not read checkpoint {path} ({type(e).__name__}); it may be truncated") from None
+        raise TrainError(f"could not read checkpoint {path} ({type(e).__name__}); it is truncated or corrupted, "
+                         f"or not a checkpoint; use an earlier one (keep_checkpoints) or start again") from None
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "model_config" not in ckpt:
+        raise TrainError(f"{path} is not a checkpoint of train.py (no model or model_config in it)")
+    return ckpt
 
 
-def save_checkpoint(ckpt, out_dir):
+def save_checkpoint(ckpt, out_dir, keep=0):
     """Write to a temporary file, flush to disk, then rename: a crash leaves the old or the new file."""
     path = os.path.join(out_dir, "ckpt.pt")
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        torch.save(ckpt, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    for name in os.listdir(out_dir):  # leftovers of killed saves only take disk space
+        if name.startswith("ckpt.pt.") and name.endswith(".tmp"):
+            remove_quietly(os.path.join(out_dir, name))
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(ckpt, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError
+        remove_quietly(tmp)
+        why = e.strerror if isinstance(e, OSError) and e.strerror else str(e).strip().splitlines()[0]
+        kept = (f"the previous checkpoint {path} is intact" if os.path.isfile(path)
+                else "no earlier checkpoint exists")
+        raise TrainError(f"could not write checkpoint {path} ({why}); {kept}; free disk space (or fix out_dir), "
+                         f"then resume with --init_from=resume") from None
+    fsync_dir(out_dir)
+    try:  # a JSON summary for people and tools; the checkpoint itself never needs it
+        write_json_atomic(os.path.join(out_dir, "ckpt.json"), checkpoint_summary(ckpt, path))
+    except OSError as e:
+        print(f"warning: could not write ckpt.json beside {path} ({e.strerror})", file=sys.stderr)
+    if keep > 0:
+        keep_recent(path, ckpt["iter_num"], keep)
+
+
+def remove_quietly(path):
+    try:
+        os.remove(path)
+    except OSError:
+        pass
+
+
+def fsync_dir(path):
+    """Make a rename in this folder durable; not every system can open a folder."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_json_atomic(path, obj):
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(obj, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError:
+        remove_quietly(tmp)
+        raise
+
+
+def checkpoint_summary(ckpt, path):
+    keys = ("iter_num", "best_val_loss", "model_config", "config", "tokenizer", "dataset_dir", "world_size")
+    summary = {k: ckpt[k] for k in keys if k in ckpt}
+    if not math.isfinite(summary.get("best_val_loss", 0.0)):
+        summary["best_val_loss"] = None  # JSON has no inf
+    return {"file": os.path.basename(path), "bytes": os.path.getsize(path), "saved_at": time.time(),
+            "torch": torch.__version__, **summary}
+
+
+def keep_recent(path, iter_num, keep):
+    """Also keep this checkpoint as ckpt-ITER.pt, and only the `keep` newest of those."""
+    folder = os.path.dirname(path)
+    named = os.path.join(folder, f"ckpt-{iter_num:08d}.pt")
+    remove_quietly(named)
+    try:
+        os.link(path, named)  # no second copy on disk; ckpt.pt is replaced, never rewritten in place
+    except OSError:
+        import shutil
+        shutil.copyfile(path, named + ".tmp")
+        os.replace(named + ".tmp", named)
+    kept = [os.path.join(folder, n) for n in os.listdir(folder)
+            if n.startswith("ckpt-") and n.endswith(".pt")]
+    kept.sort(key=os.path.getmtime)
+    for old in kept[:-keep]:
+        remove_quietly(old)
+
+
+def rng_state(device):
+    """This process's random states (python, numpy, torch, CUDA) as tensors and numbers, which
+    weights_only loading accepts (numpy's and python's own state objects it refuses)."""
+    version, py_state, gauss = random.getstate()
+    _, keys, pos, has_gauss, np_gauss = np.random.get_state()
+    state = {"python": torch.tensor(py_state, dtype=torch.int64), "python_version": version,
+             "python_gauss": gauss, "numpy": torch.from_numpy(keys.astype(np.int64)), "numpy_pos": int(pos),
+             "numpy_has_gauss": int(has_gauss), "numpy_gauss": float(np_gauss), "torch": torch.get_rng_state()}
+    if device.startswith("cuda"):
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state, device):
+    random.setstate((state["python_version"], tuple(state["python"].tolist()), state["python_gauss"]))
+    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), state["numpy_pos"],
+                         state["numpy_has_gauss"], state["numpy_gauss"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and device.startswith("cuda"):
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def all_rng_states(world, device):
+    """Every process's random states, in rank order (dropout differs per process)."""
+    mine = rng_state(device)
+    if world == 1:
+        return [mine]
+    states = [None] * world
+    dist.all_gather_object(states, mine)
+    return states
+
+
+def any_process(flag, world, device):
+    """True on every process when flag is true on any one: keeps collective decisions in step."""
+    if world == 1:
+        return bool(flag)
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def model_is_finite(model):
+    return all(bool(torch.isfinite(p).all()) for p in model.parameters())
+
+
+# settings that shape the weights or the meaning of token ids: a resumed run must match them
+RESUME_FIXED = [k for k in ARCH_KEYS if k != "dropout"]
+RESUME_FIXED_RUN = ["optimizer"]  # the saved optimizer state only fits the same optimizer
+
+
+def check_resume(cfg, explicit, ckpt, meta):
+    """Refuse a resume whose architecture or vocabulary differs from the checkpoint's; return the
+    other settings that changed (allowed: max_iters, schedule, cadence, logging, ...)."""
+    arch, saved = ckpt["model_config"], ckpt.get("config", {})
+    diffs = []
+    for k in RESUME_FIXED:
+        derived = k in ("n_kv_head", "head_dim", "mlp_hidden") and cfg[k] == 0  # 0 means "derive it"
+        if k in explicit and k in arch and cfg[k] != arch[k] and not derived:
+            diffs.append(f"{k} {arch[k]!r} -> {cfg[k]!r}")
+    for k in RESUME_FIXED_RUN:
+        if k in saved and k in cfg and saved[k] != cfg[k]:
+            diffs.append(f"{k} {saved[k]!r} -> {cfg[k]!r}")
+    if arch.get("vocab_size") != meta["vocab_size"]:
+        diffs.append(f"vocab_size {arch.get('vocab_size')} -> {meta['vocab_size']}")
+    if "tokenizer" in ckpt and ckpt["tokenizer"] != meta["tokenizer"]:
+        diffs.append(f"tokenizer {describe_tokenizer(ckpt['tokenizer'])} -> {describe_tokenizer(meta['tokenizer'])}")
+    if diffs:
+        raise TrainError(f"cannot resume: the checkpoint differs in {'; '.join(diffs)}; resume with the "
+                         f"checkpoint's settings and data, or start a new run from it with --init_from=PATH")
+    return [f"{k} {saved[k]!r} -> {cfg[k]!r}" for k in cfg
+            if k in saved and k not in RESUME_FIXED + RESUME_FIXED_RUN + ["init_from", "debug"] and saved[k] != cfg[k]]
+
+
+def describe_tokenizer(tok):
+    if tok.get("kind") == "char":
+        return f"char ({len(tok.get('chars', ''))} characters)"
+    return str(tok.get("kind"))
+
+
+def check_same_vocabulary(ckpt, meta, dataset):
+    """Fine-tuning needs the token ids to mean what they meant to the checkpoint."""
+    if "tokenizer" in ckpt and ckpt["tokenizer"] != meta["tokenizer"]:
+        raise TrainError(f"the checkpoint's tokenizer ({describe_tokenizer(ckpt['tokenizer'])}) differs from dataset "
+                         f"{dataset!r}'s ({describe_tokenizer(meta['tokenizer'])}); use a dataset built with the "
+                         f"checkpoint's tokenizer")
+
+
+def trim_metrics(path, iter_num):
+    """Drop log records past the resumed iteration: that training was lost and is done again."""
+    if not os.path.isfile(path):
+        return
+    with open(path, encoding="utf-8") as f:
+        lines = f.readlines()
+    keep = []
+    for line in lines:
+        try:
+            if json.loads(line).get("iter", 0) <= iter_num:
+                keep.append(line)
+        except ValueError:  # a line cut short by a kill
+            pass
+    if keep != lines:
+        tmp = path + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.writelines(keep)
+        os.replace(tmp, path)
+
+
+class StopSignal:
+    """SIGTERM or SIGINT asks the loop to finish its step, checkpoint and exit; a second Ctrl-C interrupts."""
+
+    def __init__(self):
+        self.name = None
+        self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGTERM, signal.SIGINT)}
+
+    def handle(self, signum, frame):
+        self.name = signal.Signals(signum).name
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    def restore(self):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+
+def resume_command(argv, world):
+    args = [a for i, a in enumerate(argv) if not a.startswith("--init_from")
+            and not (i > 0 and argv[i - 1] == "--init_from")]
+    launcher = f"torchrun --standalone --nproc_per_node={world}" if world > 1 else "python"
+    return f"{launcher} train.py {shlex.join(args + ['--init_from=resume'])}"
+
+
+def check_run_settings(cfg):
+    """Before joining the process group, so a bad setting fails at once instead of hanging in a collective."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if cfg["gradient_accumulation_steps"] % world:
+        raise TrainError(f"gradient_accumulation_steps={cfg['gradient_accumulation_steps']} is not divisible "
+                         f"by the {world} processes; make it a multiple of {world}")
+    if cfg["nan_policy"] not in ("stop", "skip"):
+        raise TrainError(f"nan_policy={cfg['nan_policy']!r} is not one of stop, skip")
+    if cfg["keep_checkpoints"] < 0:
+        raise TrainError(f"keep_checkpoints must be >= 0, got {cfg['keep_checkpoints']}")
 
 
 def build_model(cfg, explicit, vocab_size):
@@ -319,7 +607,7 @@ def build_model(cfg, explicit, vocab_size):
             raise TrainError(f"the checkpoint's vocabulary has {arch['vocab_size']} tokens but dataset "
                              f"{cfg['dataset']!r} has {vocab_size}; use a dataset built with the same tokenizer")
         changed = [k for k in SHAPE_KEYS if k in explicit and cfg[k] != arch[k]]
-        if changed:
+        if changed and cfg["init_from"] != "resume":  # a resume refuses them instead (check_resume)
             print(f"note: keeping the checkpoint's {', '.join(changed)} (they shape the weights)")
         arch["dropout"] = cfg["dropout"]
         config = GPTConfig(**{k: v for k, v in arch.items() if k in GPTConfig.keys()})
@@ -383,20 +671,23 @@ def benchmark(cfg, model, train_step, batches, local_accum, rank, tokens_per_ite
 
 def main(argv):
     cfg, explicit = parse_args(argv, [TrainConfig, GPTConfig], "train.py", __doc__.strip().splitlines()[0])
+    check_run_settings(cfg)
     rank, local_rank, world = setup_distributed(cfg)
     master = rank == 0
     device = pick_device(cfg["device"])
     device_type = "cuda" if device.startswith("cuda") else device
     dtype = pick_dtype(cfg["dtype"], device_type)
-    if cfg["gradient_accumulation_steps"] % world:
-        raise TrainError(f"gradient_accumulation_steps={cfg['gradient_accumulation_steps']} is not divisible "
-                         f"by the {world} processes; make it a multiple of {world}")
     local_accum = cfg["gradient_accumulation_steps"] // world
 
     data_dir, meta = resolve_dataset(cfg["dataset"])
     check_data_length(data_dir, meta, cfg["block_size"])  # before building a model that size
+    check_bins(data_dir, meta)
     torch.manual_seed(cfg["seed"])  # the same initial weights on every process
+    requested = dict(cfg)  # build_model overwrites the architecture keys with the checkpoint's
     model, ckpt = build_model(cfg, explicit, meta["vocab_size"])
+    changed = check_resume(requested, explicit, ckpt, meta) if cfg["init_from"] == "resume" else []
+    if ckpt is not None and cfg["init_from"] != "resume":
+        check_same_vocabulary(ckpt, meta, cfg["dataset"])
     block_size = model.config.block_size
     tokens_per_iter = cfg["gradient_accumulation_steps"] * cfg["batch_size"] * block_size
     torch.manual_seed(cfg["seed"] + rank)  # dropout differs per process; batches don't (see Batches)
@@ -407,11 +698,20 @@ def main(argv):
     model.to(device)
     optimizer = make_optimizer(model, cfg, device_type)
     scaler = torch.amp.GradScaler(device_type, enabled=dtype == "float16")
+    resumed_evaluated = True  # whether the checkpoint's iteration was already evaluated
     if cfg["init_from"] == "resume":
-        optimizer.load_state_dict(ckpt["optimizer"])
+        try:
+            optimizer.load_state_dict(ckpt["optimizer"])
+        except (ValueError, KeyError, RuntimeError) as e:
+            why = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise TrainError(f"the checkpoint's optimizer state does not fit this run ({why}); "
+                             f"resume with the checkpoint's settings") from None
         iter_num, best_val_loss = ckpt["iter_num"], ckpt["best_val_loss"]
         if "train_generator" in ckpt:
             splits["train"].generator.set_state(ckpt["train_generator"])
+        resumed_evaluated = restore_run_state(ckpt, scaler, rank, world, device, master)
+        if master and changed:
+            print(f"resuming with changed settings: {'; '.join(changed)}")
     ckpt = None  # free the loaded weights
 
     if master:
@@ -434,6 +734,8 @@ def main(argv):
 
     metrics_mode = "a" if cfg["init_from"] == "resume" else "w"  # a resumed run continues its log
     writes = master and not cfg["bench"]  # a benchmark leaves no files
+    if writes and cfg["init_from"] == "resume":
+        trim_metrics(os.path.join(cfg["out_dir"], "metrics.jsonl"), iter_num)
     metrics = open(os.path.join(cfg["out_dir"], "metrics.jsonl"), metrics_mode) if writes else None
     wandb_run = None
     if cfg["wandb_log"] and writes:
@@ -481,6 +783,9 @@ def main(argv):
                 loss = loss / len(micro_batches)
             scaler.scale(loss).backward()
             loss_sum += loss.detach()
+        if not finite_loss(loss_sum):
+            optimizer.zero_grad(set_to_none=True)
+            return loss_sum
         if cfg["grad_clip"] > 0:
             scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
@@ -489,12 +794,41 @@ def main(argv):
         optimizer.zero_grad(set_to_none=True)
         return loss_sum
 
-    def save(val_loss):
+    skipped = [0]  # consecutive steps skipped for a non-finite loss
+
+    def finite_loss(loss_sum):
+        """False when this step must be skipped; raises when nan_policy is stop. Every process agrees."""
+        if not any_process(not bool(torch.isfinite(loss_sum)), world, device):
+            skipped[0] = 0
+            return True
+        what = f"loss is {loss_sum.item()} at iteration {iter_num + 1} (lr {optimizer.param_groups[0]['lr']:.2e})"
+        if cfg["nan_policy"] == "skip" and skipped[0] < 10:
+            skipped[0] += 1
+            if master:
+                print(f"warning: {what}; skipped that step (nan_policy=skip)")
+            return False
+        more = " for 10 steps in a row" if cfg["nan_policy"] == "skip" else ""
+        raise TrainError(f"{what}{more}; stopped, the last checkpoint in {cfg['out_dir']} is kept; lower "
+                         f"learning_rate or raise warmup_iters, or set nan_policy=skip to drop such steps")
+
+    def save(val_loss, evaluated=True, eval_loss=0.0):
+        """A checkpoint of everything a resume needs to continue exactly. Called on every process."""
+        # checked on every process (they hold the same weights), so all of them stop together
+        if not model_is_finite(raw_model):
+            raise TrainError(f"the model's weights are not finite at iteration {iter_num}; not saving over the "
+                             f"checkpoint in {cfg['out_dir']}; lower learning_rate and resume or start again")
+        if not math.isfinite(eval_loss):
+            raise TrainError(f"the validation loss is {eval_loss} at iteration {iter_num}; not saving over the "
+                             f"checkpoint in {cfg['out_dir']}; lower learning_rate and resume or start again")
+        rng = all_rng_states(world, device)
+        if not master:
+            return
         save_checkpoint({"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
-                         "model_config": asdict(raw_model.config), "config": cfg, "iter_num": iter_num,
-                         "best_val_loss": val_loss, "dataset_dir": os.path.abspath(data_dir),
-                         "tokenizer": meta["tokenizer"], "train_generator": splits["train"].generator.get_state()},
-                        cfg["out_dir"])
+                         "scaler": scaler.state_dict(), "model_config": asdict(raw_model.config), "config": cfg,
+                         "iter_num": iter_num, "best_val_loss": val_loss, "evaluated": evaluated,
+                         "dataset_dir": os.path.abspath(data_dir), "tokenizer": meta["tokenizer"],
+                         "train_generator": splits["train"].generator.get_state(), "rng": rng, "world_size": world},
+                        cfg["out_dir"], cfg["keep_checkpoints"])
 
     peak = cfg["peak_flops"] or peak_flops_of(device_type)
     if cfg["bench"]:  # every process takes part in the timed steps; rank 0 reports
@@ -503,18 +837,25 @@ def main(argv):
     max_iters, start_iter = cfg["max_iters"], iter_num
     t_last, iters_since = time.time(), 0
     run_start = time.time()
+    stop = StopSignal() if not cfg["eval_only"] else None
     while True:
-        just_resumed = cfg["init_from"] == "resume" and iter_num == start_iter  # evaluated before the stop
+        if stop is not None and any_process(stop.name is not None, world, device):
+            stop_and_save(stop, save, iter_num, start_iter, best_val_loss, cfg, argv, world, master)
+            break
+        just_resumed = (cfg["init_from"] == "resume" and iter_num == start_iter  # evaluated before the stop
+                        and resumed_evaluated)
         if (iter_num % cfg["eval_interval"] == 0 or iter_num >= max_iters) and not just_resumed or cfg["eval_only"]:
             losses = estimate_loss()
             if master:
                 print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
                 log({"iter": iter_num, "tokens": iter_num * tokens_per_iter, "train/loss": losses["train"],
                      "val/loss": losses["val"], "elapsed_s": time.time() - run_start})
-                if not cfg["eval_only"] and iter_num > start_iter and (
-                        losses["val"] < best_val_loss or cfg["always_save_checkpoint"]):
-                    best_val_loss = min(best_val_loss, losses["val"])
-                    save(best_val_loss)
+            # every process decides (and saves) together: saving gathers their random states
+            if not cfg["eval_only"] and iter_num > start_iter and any_process(
+                    losses["val"] < best_val_loss or cfg["always_save_checkpoint"], world, device):
+                best_val_loss = min(best_val_loss, losses["val"])
+                save(best_val_loss, eval_loss=losses["val"])
+                if master:
                     print(f"saved checkpoint to {cfg['out_dir']}")
             t_last, iters_since = time.time(), 0  # evaluation time is not training time
         if iter_num >= max_iters or cfg["eval_only"]:
@@ -543,6 +884,8 @@ def main(argv):
                 log({"iter": iter_num, "tokens": iter_num * tokens_per_iter, "loss": loss, "lr": lr,
                      "ms_per_iter": dt * 1000, "tokens_per_s": tok_s, "mfu": mfu})
 
+    if stop is not None:
+        stop.restore()
     if writes:
         metrics.close()
         if wandb_run is not None:
@@ -551,9 +894,53 @@ def main(argv):
         dist.destroy_process_group()
 
 
-if __name__ == "__main__":
+def restore_run_state(ckpt, scaler, rank, world, device, master):
+    """Random states and grad scaler of a resumed run; returns whether its iteration was evaluated."""
+    if scaler.is_enabled() and ckpt.get("scaler"):
+        scaler.load_state_dict(ckpt["scaler"])
+    rng = ckpt.get("rng")
+    if rng is not None and len(rng) == world:
+        set_rng_state(rng[rank], device)
+    elif master:
+        print(f"note: the checkpoint holds no random states for {world} process(es); dropout will not "
+              f"repeat the interrupted run exactly")
+    return ckpt.get("evaluated", True)
+
+
+def stop_and_save(stop, save, iter_num, start_iter, best_val_loss, cfg, argv, world, master):
+    """After SIGTERM/SIGINT: checkpoint the finished step and say how to go on."""
+    if iter_num > start_iter:
+        save(best_val_loss, evaluated=False)
+        where = f"checkpoint saved to {os.path.join(cfg['out_dir'], 'ckpt.pt')}"
+    elif cfg["init_from"] != "resume":  # a scratch or fine-tuning run stopped before its first step
+        where = "no step taken, nothing saved; run the same command again"
+    else:
+        where = "no step since the checkpoint, nothing new to save"
+    if master:
+        resumable = iter_num > start_iter or cfg["init_from"] == "resume"
+        then = f"; resume with: {resume_command(argv, world)}" if resumable else ""
+        print(f"stopped by {stop.name or 'a signal to another process'} at iteration {iter_num}; {where}{then}",
+              flush=True)
+
+
+def cli(argv):
+    """main() with errors of input as one line and exit code 2 (--debug shows the traceback)."""
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
-        main(sys.argv[1:])
+        main(argv)
     except (ConfigError, TrainError) as e:
+        if any(a == "--debug" or a.lower() == "--debug=true" for a in argv):
+            raise
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        return 2
+    except KeyboardInterrupt:  # a second Ctrl-C: saves are atomic, so the last checkpoint is whole
+        print("interrupted; the last checkpoint in out_dir is whole", file=sys.stderr)
+        return 130
+    finally:  # main may end by an error with its own handlers still installed
+        for s, handler in handlers.items():
+            signal.signal(s, handler)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli(sys.argv[1:]))
