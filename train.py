@@ -510,7 +510,7 @@ def check_resume(cfg, explicit, ckpt, meta):
             diffs.append(f"{k} {saved[k]!r} -> {cfg[k]!r}")
     if arch.get("vocab_size") != meta["vocab_size"]:
         diffs.append(f"vocab_size {arch.get('vocab_size')} -> {meta['vocab_size']}")
-    if "tokenizer" in ckpt and ckpt["tokenizer"] != meta["tokenizer"]:
+    if ckpt.get("tokenizer") and ckpt["tokenizer"] != meta["tokenizer"]:  # None: imported weights, vocab size checked
         diffs.append(f"tokenizer {describe_tokenizer(ckpt['tokenizer'])} -> {describe_tokenizer(meta['tokenizer'])}")
     if diffs:
         raise TrainError(f"cannot resume: the checkpoint differs in {'; '.join(diffs)}; resume with the "
@@ -527,7 +527,7 @@ def describe_tokenizer(tok):
 
 def check_same_vocabulary(ckpt, meta, dataset):
     """Fine-tuning needs the token ids to mean what they meant to the checkpoint."""
-    if "tokenizer" in ckpt and ckpt["tokenizer"] != meta["tokenizer"]:
+    if ckpt.get("tokenizer") and ckpt["tokenizer"] != meta["tokenizer"]:  # None: imported weights, vocab size checked
         raise TrainError(f"the checkpoint's tokenizer ({describe_tokenizer(ckpt['tokenizer'])}) differs from dataset "
                          f"{dataset!r}'s ({describe_tokenizer(meta['tokenizer'])}); use a dataset built with the "
                          f"checkpoint's tokenizer")
