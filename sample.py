@@ -159,6 +159,11 @@ def unescape(text):
     return text.replace("\\n", "\n").replace("\\t", "\t")
 
 
+def cut_at_stop(text, stop):
+    """text up to the first occurrence of stop (all of it when stop is "" or absent)."""
+    return text[:text.index(stop)] if stop and stop in text else text
+
+
 def sampling_args(cfg):
     return dict(temperature=cfg["temperature"], top_k=cfg["top_k"], top_p=cfg["top_p"],
                 repetition_penalty=cfg["repetition_penalty"], use_cache=cfg["use_cache"])
@@ -177,11 +182,7 @@ def run_beams(model, tokenizer, prompts, cfg, eot):
                              eot_token=eot, use_cache=cfg["use_cache"])
         for tokens, _ in ranked[:cfg["num_samples"]]:
             n += len(tokens)
-            text = StopText(tokenizer, unescape(cfg["stop"]))
-            for token in tokens:
-                text.add(token)
-            text.finish()
-            print_sample(tokenizer.decode(ids), text.text)
+            print_sample(tokenizer.decode(ids), cut_at_stop(tokenizer.decode(tokens), unescape(cfg["stop"])))
     return n
 
 
@@ -196,9 +197,8 @@ def run_batch(model, tokenizer, prompts, cfg, eot, generator):
 
     out = generate_batch(model, rows, cfg["max_new_tokens"], eot_token=eot, on_token=on_token,
                          generator=generator, **sampling_args(cfg))
-    for ids, text in zip(rows, texts):
-        text.finish()
-        print_sample(tokenizer.decode(ids), text.text)
+    for ids, tokens in zip(rows, out):  # decoded whole, independently of the stop checks
+        print_sample(tokenizer.decode(ids), cut_at_stop(tokenizer.decode(tokens), unescape(cfg["stop"])))
     return sum(len(tokens) for tokens in out)
 
 
