@@ -14,6 +14,12 @@ Design choices, each a switch in GPTConfig:
   GPUs that have them), "explicit" spells out softmax(Q K^T / sqrt(d) + causal mask) V.
 - the lm_head may share its weight with the token embedding (tied, GPT-2) or not (LLaMA-3 8B).
 - init: N(0, 0.02) everywhere, residual output projections scaled by 1/sqrt(2 n_layer) (GPT-2).
+
+Decoding (the sections at the end): KVCache keeps each layer's keys and values so a new token
+costs one position's work; Decoder feeds a batch (left-padded prompts, positions per row) and
+slides the window past block_size; decode_steps / generate_batch / GPT.generate sample with
+temperature, top-k, top-p and a repetition penalty, or greedily; beam_search ranks beams by
+length-normalized log-probability.
 """
 import math
 from dataclasses import dataclass, fields

@@ -38,16 +38,16 @@ class SampleConfig:
     num_samples: int = 3           # how many samples to draw per prompt (all decoded in parallel)
     max_new_tokens: int = 500      # most tokens generated per sample (>= 1)
     temperature: float = 0.8       # 1.0 samples the model's distribution, lower is more conservative, 0 is greedy
-    top_k: int = 200               # sample only from the k most likely tokens (>= 1; to keep all, pass the vocab size)
-    top_p: float = 1.0             # nucleus: sample from the most likely tokens holding this much probability, in (0, 1]; 1 keeps all
+    top_k: int = 200               # sample only from the k most likely tokens (>= 1; the vocab size keeps all)
+    top_p: float = 1.0             # nucleus: the most likely tokens holding this much probability, in (0, 1]; 1 keeps all
     repetition_penalty: float = 1.0  # > 1 makes tokens already in the text less likely (CTRL's rule); 1 is off
-    beam_width: int = 1            # > 1: beam search with this many beams, printing the num_samples best; 1: sample
+    beam_width: int = 1            # > 1: beam search, printing the num_samples best beams (no sampling); 1: sample
     length_penalty: float = 1.0    # beam search ranks by log-prob / length**this (0: total log-prob, 1: per token)
-    stop: str = ""                 # stop a sample when this text appears (not printed; \n is a newline, \t a tab); "" never
+    stop: str = ""                 # end a sample where this text appears (not printed; \n, \t allowed); "" never
     stop_at_eot: bool = True       # stop a sample at the end-of-text token (tokenizers that have one)
     stream: bool = False           # print each sample as it is generated, one sample at a time
     use_cache: bool = True         # KV cache; False re-runs the whole context every step (same text, slower)
-    bench: bool = False            # time 500 tokens (--max_new_tokens) with and without the KV cache on a random 6-layer, 384-wide model, block_size 256
+    bench: bool = False            # tokens/s with vs without KV cache, random 6x384 model, block 256; no checkpoint
     seed: int = 1337               # random seed: the same seed gives the same samples
     device: str = "auto"           # auto | cpu | cuda | cuda:N | mps
     dtype: str = "auto"            # auto | float32 | bfloat16 | float16
