@@ -672,7 +672,7 @@ def beam_search(model, prompt, max_new_tokens, beam_width, length_penalty=1.0, e
             if len(new_beams) == beam_width:
                 break
         beams = new_beams
-        if len(finished) >= beam_width or step + 1 == max_new_tokens:
+        if len(finished) >= beam_width or step + 1 == max_new_tokens or not beams:
             break
         decoder.reorder(torch.tensor(parents, dtype=torch.long, device=device))
         decoder.push(torch.tensor(tokens, dtype=torch.long, device=device))

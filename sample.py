@@ -39,7 +39,7 @@ class SampleConfig:
     max_new_tokens: int = 500      # most tokens generated per sample (>= 1)
     temperature: float = 0.8       # 1.0 samples the model's distribution, lower is more conservative, 0 is greedy
     top_k: int = 200               # sample only from the k most likely tokens (>= 1; the vocab size keeps all)
-    top_p: float = 1.0             # nucleus: the most likely tokens holding this much probability, in (0, 1]; 1 keeps all
+    top_p: float = 1.0             # nucleus: the likeliest tokens holding this much probability, in (0, 1]; 1 keeps all
     repetition_penalty: float = 1.0  # > 1 makes tokens already in the text less likely (CTRL's rule); 1 is off
     beam_width: int = 1            # > 1: beam search, printing the num_samples best beams (no sampling); 1: sample
     length_penalty: float = 1.0    # beam search ranks by log-prob / length**this (0: total log-prob, 1: per token)
@@ -52,6 +52,7 @@ class SampleConfig:
     device: str = "auto"           # auto | cpu | cuda | cuda:N | mps
     dtype: str = "auto"            # auto | float32 | bfloat16 | float16
     compile: bool = False          # torch.compile the model
+    threads: int = 0               # CPU threads for torch (1 suits one-token steps on a busy machine); 0: torch's default
 
 
 def check_settings(cfg):
@@ -65,6 +66,8 @@ def check_settings(cfg):
         raise ConfigError(f"repetition_penalty must be > 0 (1 is off), got {cfg['repetition_penalty']}")
     if cfg["max_new_tokens"] < 1:
         raise ConfigError(f"max_new_tokens must be >= 1, got {cfg['max_new_tokens']}")
+    if cfg["threads"] < 0:
+        raise ConfigError(f"threads must be >= 1, or 0 for torch's default, got {cfg['threads']}")
     if cfg["num_samples"] < 1:
         raise ConfigError(f"num_samples must be >= 1, got {cfg['num_samples']}")
     if cfg["beam_width"] < 1:
@@ -263,6 +266,8 @@ def main(argv):
     device_type = "cuda" if device.startswith("cuda") else device
     dtype = pick_dtype(cfg["dtype"], device_type)
     torch.manual_seed(cfg["seed"])
+    if cfg["threads"]:
+        torch.set_num_threads(cfg["threads"])
     if cfg["bench"]:
         return bench(cfg, device)
     model, tokenizer = load_model(cfg, device)

@@ -146,6 +146,7 @@ def test_without_the_cache_the_text_is_the_same(char_dir):
     (["--beam_width=2", "--num_samples=1", "--stream"], "--stream cannot show beam search"),
     (["--start=Ωmega"], "characters not in this char-level vocabulary: 'Ω'"),
     (["--prompts_file=nowhere.txt"], "prompts file nowhere.txt not found"),
+    (["--threads=-1"], "threads must be >= 1"),
 ])
 def test_bad_sampling_arguments_end_with_one_line_and_a_nonzero_exit(char_dir, args, message):
     proc = run_script("sample.py", "--out_dir=out", *args, cwd=char_dir, check=False)
