@@ -1,0 +1,162 @@
+"""sample.py as a user runs it: strategies, batches of prompts, streaming, stop strings, bad input."""
+import re
+import sys
+
+import pytest
+
+import sample
+from conftest import TINY_MODEL, run_script
+
+MULTIBYTE = "Café déjà vu — naïve cœur. 日本語のテキスト 🙂🎭 «fin»\n"
+
+
+def trained(tmp_path_factory, corpus_text, tokenizer):
+    """A folder with a checkpoint in out/, trained briefly on the corpus with this tokenizer."""
+    folder = tmp_path_factory.mktemp(f"sample_{tokenizer}")
+    (folder / "input.txt").write_text(corpus_text + MULTIBYTE * 200, encoding="utf-8")
+    run_script("prepare.py", "--input", "input.txt", "--tokenizer", tokenizer, "--out", "data/tiny", cwd=folder)
+    run_script("train.py", *TINY_MODEL, "--out_dir=out", "--max_iters=30", "--eval_interval=30", cwd=folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def char_dir(tmp_path_factory, corpus_text):
+    return trained(tmp_path_factory, corpus_text, "char")
+
+
+@pytest.fixture(scope="module")
+def bpe_dir(tmp_path_factory, corpus_text, tiktoken_cache):
+    return trained(tmp_path_factory, corpus_text, "gpt2")
+
+
+class Recorder:
+    """Stands in for sys.stdout and keeps every write separately."""
+
+    def __init__(self):
+        self.writes = []
+
+    def write(self, text):
+        self.writes.append(text)
+        return len(text)
+
+    def flush(self):
+        pass
+
+    @property
+    def text(self):
+        return "".join(self.writes)
+
+
+def sample_in_process(folder, monkeypatch, *args):
+    """sample.main run in folder; returns the Recorder of its stdout."""
+    monkeypatch.chdir(folder)
+    recorder = Recorder()
+    monkeypatch.setattr(sys, "stdout", recorder)
+    sample.main(["--out_dir=out", "--device=cpu", *args])
+    monkeypatch.undo()
+    return recorder
+
+
+def samples_of(stdout):
+    """The samples sample.py printed, each ending in its newline."""
+    return [s for s in stdout.split("---------------\n") if s]
+
+
+@pytest.mark.parametrize("kind", ["char", "bpe"])
+def test_stream_prints_the_same_text_as_batch_mode_piece_by_piece(kind, request, monkeypatch):
+    folder = request.getfixturevalue(f"{kind}_dir")
+    args = ["--start=Café 日本", "--num_samples=1", "--max_new_tokens=60", "--temperature=1.0", "--seed=3"]
+    streamed = sample_in_process(folder, monkeypatch, *args, "--stream")
+    whole = sample_in_process(folder, monkeypatch, *args)  # all new tokens decoded at once at the end
+    # equal text means no piece broke a character that the whole decode keeps intact
+    assert streamed.text == whole.text and streamed.text.startswith("Café 日本")
+    generated = whole.text[len("Café 日本"):]
+    assert any(ord(c) > 127 and c != "\ufffd" for c in generated)  # multi-byte characters were streamed
+    assert len([w for w in streamed.writes if w]) > 10  # text arrived as generated, not in one write
+
+
+def test_streaming_a_bpe_token_stream_never_splits_a_character(tiktoken_cache):
+    from tokenizer import load_tokenizer
+    tokenizer = load_tokenizer({"kind": "gpt2"})
+    ids = tokenizer.encode(MULTIBYTE)
+    assert any("\ufffd" in tokenizer.decode([i]) for i in ids)  # some tokens hold part of a character
+    text = sample.StopText(tokenizer, "")
+    pieces = [text.add(i) for i in ids] + [text.finish()]
+    assert "".join(pieces) == MULTIBYTE and not any("\ufffd" in p for p in pieces)
+
+
+def test_stop_text_holds_back_a_possible_stop_string_and_cuts_at_it(tiktoken_cache):
+    from tokenizer import load_tokenizer
+    tokenizer = load_tokenizer({"kind": "gpt2"})
+    text = sample.StopText(tokenizer, "vu —")
+    shown = "".join(text.add(i) for i in tokenizer.encode(MULTIBYTE) if not text.done) + text.finish()
+    assert shown == "Café déjà " and text.done
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_stop_string_ends_each_sample_just_before_it(char_dir, monkeypatch, stream):
+    base = ["--start=ROMEO:", "--num_samples=1", "--max_new_tokens=60", "--temperature=0"]
+    free = samples_of(sample_in_process(char_dir, monkeypatch, *base).text)[0]
+    generated = free[len("ROMEO:"):]
+    stop = generated[12:14]
+    expected = "ROMEO:" + generated[:generated.index(stop)]
+    flags = [f"--stop={stop}"] + (["--stream"] if stream else [])
+    cut = samples_of(sample_in_process(char_dir, monkeypatch, *base, *flags).text)[0]
+    assert cut == expected + "\n"
+
+
+def test_prompts_from_a_file_are_batched_and_match_prompt_by_prompt(char_dir):
+    (char_dir / "prompts.txt").write_text("To be\nKING RICHARD:\n\nO\n", encoding="utf-8")
+    proc = run_script("sample.py", "--out_dir=out", "--prompts_file=prompts.txt", "--num_samples=2",
+                      "--max_new_tokens=30", "--temperature=0", cwd=char_dir)
+    samples = samples_of(proc.stdout)
+    assert len(samples) == 6
+    assert all(s.startswith(p) for s, p in zip(samples, ["To be", "To be", "KING RICHARD:", "KING RICHARD:", "O", "O"]))
+    assert samples[0] == samples[1] and samples[2] == samples[3] and samples[4] == samples[5]
+    for prompt, batched in zip(["To be", "KING RICHARD:", "O"], samples[::2]):
+        alone = run_script("sample.py", "--out_dir=out", f"--start={prompt}", "--num_samples=1",
+                           "--max_new_tokens=30", "--temperature=0", cwd=char_dir)
+        assert samples_of(alone.stdout) == [batched]
+    assert re.search(r"^180 tokens in [\d.]+ s: [\d.]+ tokens/s$", proc.stderr.strip())
+
+
+def test_beam_search_prints_the_best_beams(char_dir):
+    proc = run_script("sample.py", "--out_dir=out", "--start=To be", "--beam_width=3", "--num_samples=2",
+                      "--max_new_tokens=20", cwd=char_dir)
+    samples = samples_of(proc.stdout)
+    assert len(samples) == 2 and samples[0] != samples[1] and all(s.startswith("To be") for s in samples)
+
+
+def test_without_the_cache_the_text_is_the_same(char_dir):
+    args = ["--out_dir=out", "--start=To be", "--num_samples=2", "--max_new_tokens=80", "--seed=5"]
+    cached = run_script("sample.py", *args, cwd=char_dir)
+    uncached = run_script("sample.py", *args, "--use_cache=False", cwd=char_dir)
+    assert cached.stdout == uncached.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--top_p=0"], "top_p must be in (0, 1]"),
+    (["--top_p=1.5"], "top_p must be in (0, 1]"),
+    (["--top_k=0"], "top_k must be >= 1"),
+    (["--temperature=-0.5"], "temperature must be >= 0"),
+    (["--max_new_tokens=0"], "max_new_tokens must be >= 1"),
+    (["--beam_width=0"], "beam_width must be >= 1"),
+    (["--repetition_penalty=0"], "repetition_penalty must be > 0"),
+    (["--beam_width=2", "--num_samples=3"], "num_samples (3) must be <= beam_width (2)"),
+    (["--beam_width=2", "--num_samples=1", "--stream"], "--stream cannot show beam search"),
+    (["--start=Ωmega"], "characters not in this char-level vocabulary: 'Ω'"),
+    (["--prompts_file=nowhere.txt"], "prompts file nowhere.txt not found"),
+    (["--threads=-1"], "threads must be >= 1"),
+])
+def test_bad_sampling_arguments_end_with_one_line_and_a_nonzero_exit(char_dir, args, message):
+    proc = run_script("sample.py", "--out_dir=out", *args, cwd=char_dir, check=False)
+    assert proc.returncode != 0
+    assert message in proc.stderr and proc.stderr.startswith("error: ")
+    assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
+
+
+def test_bench_reports_cached_and_recomputed_tokens_per_second(tmp_path):
+    proc = run_script("sample.py", "--bench", "--max_new_tokens=20", "--device=cpu", cwd=tmp_path)
+    rates = dict(re.findall(r"(kv cache|full recompute):\s+([\d.]+) tokens/s", proc.stdout))
+    assert set(rates) == {"kv cache", "full recompute"} and all(float(r) > 0 for r in rates.values())
+    assert "speed-up" in proc.stdout
