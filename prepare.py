@@ -22,6 +22,7 @@ import urllib.request
 
 import numpy as np
 
+from tasks import TaskError, prepare_task, save_tokenizer_file, tokenizer_of_dataset
 from tokenizer import CharTokenizer, TokenizerError, gpt2_tokenizer
 
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
@@ -166,14 +167,16 @@ def write_split(plan, split, tok, path, dtype):
     return n
 
 
-def prepare(input_path, tokenizer, out_dir, val_fraction=0.1):
+def prepare(input_path, tokenizer, out_dir, val_fraction=0.1, tok=None):
     if not 0 < val_fraction < 1:
         raise PrepareError(f"val_fraction must be between 0 and 1, got {val_fraction}")
     files = list_files(input_path)
     if sum(os.path.getsize(p) for p in files) == 0:
         raise PrepareError(f"input {input_path} is empty")
     plan = plan_documents(files, val_fraction)
-    if tokenizer == "char":
+    if tok is not None:  # another dataset's tokenizer (--tokenizer_from)
+        pass
+    elif tokenizer == "char":
         tok = char_alphabet(plan)
     elif tokenizer == "gpt2":
         tok = gpt2_tokenizer()
@@ -191,6 +194,7 @@ def prepare(input_path, tokenizer, out_dir, val_fraction=0.1):
             "documents": len(files)}
     for split in ("train", "val"):
         os.replace(os.path.join(out_dir, f"{split}.bin.tmp"), os.path.join(out_dir, f"{split}.bin"))
+    save_tokenizer_file(tok, out_dir)  # a BPE's tokenizer.json travels with the data
     with open(os.path.join(out_dir, "meta.json.tmp"), "w", encoding="utf-8") as f:
         json.dump(meta, f, indent=1, ensure_ascii=False)
     os.replace(os.path.join(out_dir, "meta.json.tmp"), os.path.join(out_dir, "meta.json"))
@@ -204,9 +208,21 @@ def main(argv):
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("name", nargs="?", help=f"a known corpus: {', '.join(KNOWN)}")
     p.add_argument("--input", help="a UTF-8 text file or a folder of .txt files (for a known corpus: its local copy)")
-    p.add_argument("--tokenizer", choices=["char", "gpt2"], help="char or gpt2 (default: the known corpus's, else char)")
+    p.add_argument("--tokenizer", choices=["char", "gpt2", "bpe"],
+                   help="char or gpt2 (default: the known corpus's, else char); bpe: --task datasets only")
     p.add_argument("--out", help="output folder (default: data/NAME)")
     p.add_argument("--val_fraction", type=float, default=0.1, help="share of the text held out for validation")
+    p.add_argument("--task", choices=["lm", "classify", "instruct"], default="lm",
+                   help="lm: a token stream; classify: a TSV/CSV of label and text; instruct: Alpaca JSON "
+                        "(see tasks.py for the files written)")
+    p.add_argument("--test_fraction", type=float, default=0.2, help="classify/instruct: share held out for test")
+    p.add_argument("--max_length", type=int, default=0, help="classify/instruct: keep at most this many tokens "
+                   "per example (0: all)")
+    p.add_argument("--vocab_size", type=int, default=2048, help="--tokenizer bpe: tokens in all, trained on "
+                   "the train split")
+    p.add_argument("--positive", help="classify: the positive class for precision/recall/F1 (default: the rarer)")
+    p.add_argument("--seed", type=int, default=1337, help="classify/instruct: seed of the split")
+    p.add_argument("--tokenizer_from", metavar="DIR", help="use the tokenizer of this prepared dataset folder")
     args = p.parse_args(argv)
     if args.name is None and args.input is None:
         p.error("name a known corpus or pass --input PATH")
@@ -214,6 +230,14 @@ def main(argv):
         raise PrepareError(f"unknown corpus {args.name!r}; known: {', '.join(KNOWN)}; "
                            f"for your own text use --input PATH --out data/NAME")
     tokenizer = args.tokenizer or (KNOWN[args.name][0] if args.name else "char")
+    tok = tokenizer_of_dataset(args.tokenizer_from) if args.tokenizer_from else None
+    if args.task != "lm":
+        if args.input is None:
+            raise PrepareError(f"--task {args.task} needs --input PATH")
+        out_dir = args.out or os.path.join("data", os.path.splitext(os.path.basename(os.path.normpath(args.input)))[0])
+        prepare_task(args.task, args.input, tokenizer, out_dir, args.val_fraction, args.test_fraction,
+                     args.max_length, args.vocab_size, args.positive, args.seed, tok=tok)
+        return
     out_dir = args.out or os.path.join("data", args.name or os.path.splitext(os.path.basename(
         os.path.normpath(args.input)))[0])
     input_path = args.input
@@ -222,12 +246,12 @@ def main(argv):
         if not os.path.exists(input_path):
             os.makedirs(out_dir, exist_ok=True)
             download(KNOWN[args.name][1], input_path)
-    prepare(input_path, tokenizer, out_dir, args.val_fraction)
+    prepare(input_path, tokenizer, out_dir, args.val_fraction, tok=tok)
 
 
 if __name__ == "__main__":
     try:
         main(sys.argv[1:])
-    except (PrepareError, TokenizerError) as e:
+    except (PrepareError, TokenizerError, TaskError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
