@@ -222,7 +222,9 @@ def prepare_task(task, input_path, tokenizer, out_dir, val_fraction=0.1, test_fr
     else:
         raise TaskError(f"unknown task {task!r}; use classify or instruct")
     if tok is None:
-        tok = make_tokenizer(tokenizer, [texts[i] for i in splits["train"]], vocab_size)
+        # a BPE learns from train only; a char alphabet must cover every split to encode it at all
+        tok = make_tokenizer(tokenizer, texts if tokenizer == "char" else [texts[i] for i in splits["train"]],
+                             vocab_size)
     if task == "instruct" and tok.eot_token is None:
         raise TaskError("instruction data needs a tokenizer with an end-of-text token: gpt2 or bpe")
     dtype = np.uint16 if tok.vocab_size <= 1 << 16 else np.uint32
@@ -261,9 +263,11 @@ def prepare_task(task, input_path, tokenizer, out_dir, val_fraction=0.1, test_fr
     with open(os.path.join(out_dir, "meta.json.tmp"), "w", encoding="utf-8") as f:
         json.dump(meta, f, indent=1, ensure_ascii=False)
     os.replace(os.path.join(out_dir, "meta.json.tmp"), os.path.join(out_dir, "meta.json"))
-    if task == "instruct":  # the training prompts as plain text, for pretraining a base model on them
-        with open(os.path.join(out_dir, "train_text.txt"), "w", encoding="utf-8") as f:
-            f.write("\n\n".join(texts[i] for i in splits["train"]) + "\n")
+    # the train split as plain text (one example per line for classify, blank-line separated for
+    # instruct), for pretraining a base language model with --tokenizer_from on no held-out text
+    with open(os.path.join(out_dir, "train_text.txt"), "w", encoding="utf-8") as f:
+        sep = "\n" if task == "classify" else "\n\n"
+        f.write(sep.join(" ".join(texts[i].split()) if task == "classify" else texts[i] for i in splits["train"]) + "\n")
     print(f"{out_dir}: {task}, {sizes['train']} train / {sizes['val']} val / {sizes['test']} test examples, "
           f"vocab {tok.vocab_size:,} ({tok.kind}), {truncated} truncated to max_length {max_length}")
     return meta, tok
@@ -389,3 +393,63 @@ def evaluate_split(model, batches, cfg, autocast, limit=None):
     if batches.task == "classify":
         out.update(binary_metrics(np.concatenate(preds), np.concatenate(labels), cfg["positive_id"]))
     return out
+
+
+# -----------------------------------------------------------------------------------------------
+# using a fine-tuned model (sample.py)
+
+@torch.no_grad()
+def generate_until(model, idx, max_new_tokens, stop_token, temperature=1.0, top_k=None):
+    """Tokens generated after idx (1, T), one at a time, up to and without stop_token; returns
+    (ids, stopped): stopped is False when max_new_tokens ran out first."""
+    out = []
+    for _ in range(max_new_tokens):
+        idx = model.generate(idx, 1, temperature=temperature, top_k=top_k)
+        token = int(idx[0, -1])
+        if token == stop_token:
+            return out, True
+        out.append(token)
+    return out, False
+
+
+def respond(model, tokenizer, instruction, device, max_new_tokens=200, temperature=0.0, top_k=None, input_text=""):
+    """The model's answer to an instruction wrapped in the template: (text, ended with end-of-text)."""
+    prompt = tokenizer.encode(instruct_prompt(instruction, input_text))
+    prompt = prompt[-model.config.block_size:]
+    x = torch.tensor(prompt, dtype=torch.long, device=device)[None, :]
+    ids, stopped = generate_until(model, x, max_new_tokens, tokenizer.eot_token, temperature, top_k)
+    return tokenizer.decode(ids), stopped
+
+
+@torch.no_grad()
+def label_texts(model, tokenizer, texts, label_names, device):
+    """[(label, probability of that label)] for each text, read at its last token."""
+    out = []
+    for text in texts:
+        ids = (tokenizer.encode(text) or [0])[:model.config.block_size]
+        x = torch.tensor(ids, dtype=torch.long, device=device)[None, :]
+        logits, _ = model.classify(x, torch.tensor([len(ids)], device=device))
+        probs = torch.softmax(logits.float(), dim=-1)[0]  # (n_classes,)
+        k = int(probs.argmax())
+        out.append((label_names[k] if k < len(label_names) else str(k), float(probs[k])))
+    return out
+
+
+def instruct_report(model, tokenizer, data_dir, meta, split, device, max_new_tokens=100, show=3):
+    """Greedy answers to every prompt of a split of an instruct dataset: the share that stay in the
+    template (no new "### " section) and end with end-of-text by themselves, and a few examples."""
+    tokens, arrays = read_examples(data_dir, split, meta["dtype"])
+    offsets, mask = arrays["offsets"], arrays["mask"]
+    ok, examples = 0, []
+    for i in range(len(offsets) - 1):
+        seq, m = np.asarray(tokens[offsets[i]:offsets[i + 1]], dtype=np.int64), mask[offsets[i]:offsets[i + 1]]
+        prompt = seq[m == 0][-model.config.block_size:]
+        x = torch.tensor(prompt, device=device)[None, :]
+        ids, stopped = generate_until(model, x, max_new_tokens, tokenizer.eot_token, temperature=0.0)
+        answer = tokenizer.decode(ids)
+        good = stopped and "### " not in answer and answer.strip() != ""
+        ok += good
+        if len(examples) < show:
+            reference = tokenizer.decode([t for t in seq[m == 1].tolist() if t != tokenizer.eot_token])
+            examples.append((tokenizer.decode(prompt.tolist()), answer, reference, stopped))
+    return ok / max(1, len(offsets) - 1), examples

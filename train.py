@@ -398,8 +398,11 @@ def save_adapters(model, cfg):
     if not model.config.lora_rank:
         return
     from model import lora_state_dict
-    torch.save({"adapters": lora_state_dict(model), "model_config": asdict(model.config),
-                "base": cfg["init_from"]}, os.path.join(cfg["out_dir"], "adapters.pt"))
+    base = cfg["init_from"] if cfg["init_from"] not in ("resume", "scratch") else cfg.get("lora_base", "")
+    cfg["lora_base"] = base  # a resumed run keeps pointing at the original base checkpoint
+    torch.save({"adapters": lora_state_dict(model), "model_config": asdict(model.config), "config": cfg,
+                "base": os.path.abspath(checkpoint_path(base)) if base else ""},
+               os.path.join(cfg["out_dir"], "adapters.pt"))
 
 
 # -----------------------------------------------------------------------------------------------
