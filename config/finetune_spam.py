@@ -2,7 +2,7 @@
 # a small GPT with a classification head on the last real token of each message.
 #   python prepare.py --input ../shared/data/sms_spam/SMSSpamCollection --task classify \
 #       --tokenizer bpe --vocab_size 1024 --max_length 64 --out data/spam
-#   python train.py config/finetune_spam.py
+#   OMP_NUM_THREADS=1 python train.py config/finetune_spam.py   # ~2 min alone; 1 thread beats 2 on a busy CPU
 #   python sample.py --out_dir=out-spam --start="WINNER! Claim your free prize now, call 0800"
 # From a checkpoint of ours instead: --init_from=PATH (same tokenizer; prepare with --tokenizer_from).
 # LoRA variant: config/finetune_spam_lora.py. Metrics (val each eval, test at the end): metrics.jsonl.

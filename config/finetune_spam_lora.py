@@ -4,8 +4,8 @@
 #   OMP_NUM_THREADS=1 python train.py config/finetune_spam_lora.py
 # Full fine-tuning of the same base, for comparison:
 #   OMP_NUM_THREADS=1 python train.py config/finetune_spam.py --init_from=out-spam-lm --out_dir=out-spam-full
-# out-spam-lora/adapters.pt holds only the adapters and the head; merge them for export with
-#   python -c "import export_lora" (see merge in model.py: GPT.merge_lora)
+# out-spam-lora/adapters.pt holds only the adapters and the head; fold them into the base weights:
+#   python merge_lora.py out-spam-lora && python sample.py --init_from=out-spam-lora/merged.pt --start="..."
 out_dir = "out-spam-lora"
 dataset = "spam"
 init_from = "out-spam-lm"

@@ -241,6 +241,7 @@ def test_a_classification_run_logs_val_and_test_metrics_and_sample_labels_text(t
     assert label == "spam" and 0.5 < float(prob) <= 1 and text == "win free prize cash claim now"
 
 
+@pytest.mark.slow
 def test_lora_run_saves_small_adapters_that_merge_into_the_base(tmp_path):
     write_sms(tmp_path / "sms.tsv", n=200)
     run_script("prepare.py", "--input", "sms.tsv", "--task", "classify", "--max_length", "32", "--out", "data/sms",
