@@ -4,6 +4,8 @@
 #   python sample.py --out_dir=out-instruct --instruct --start="Name three primary colors."
 #   python sample.py --out_dir=out-instruct --instruct --interactive
 #   python sample.py --out_dir=out-instruct --instruct_eval=val   # ends-with-end-of-text rate, examples
+# Measured here: response-only val loss 5.45 -> 4.09 in 300 iterations (104 s); 110/110 val answers
+# stay in the template and end with end-of-text (the answers themselves are poor: a 1M-parameter base).
 out_dir = "out-instruct"
 dataset = "alpaca"
 init_from = "out-instruct-lm"

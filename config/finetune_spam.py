@@ -6,6 +6,8 @@
 #   python sample.py --out_dir=out-spam --start="WINNER! Claim your free prize now, call 0800"
 # From a checkpoint of ours instead: --init_from=PATH (same tokenizer; prepare with --tokenizer_from).
 # LoRA variant: config/finetune_spam_lora.py. Metrics (val each eval, test at the end): metrics.jsonl.
+# Measured here (2-core CPU, shared): test acc 0.987, F1 0.953 (spam) from scratch in 153 s;
+# from out-spam-lm (--init_from): test acc 0.988, F1 0.955.
 out_dir = "out-spam"
 dataset = "spam"
 init_from = "scratch"
