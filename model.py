@@ -57,6 +57,11 @@ class GPTConfig:
     tie_embeddings: bool = True   # lm_head shares the token embedding matrix
     attn_impl: str = "fused"      # fused | explicit (same numbers; explicit is for reading and tests)
     zero_init_proj: bool = False  # start the residual output projections (c_proj) at zero: blocks begin as identity
+    n_classes: int = 0            # classification head on the last real token; 0: language model only
+    lora_rank: int = 0            # rank of LoRA adapters on the target linear layers; 0: no adapters
+    lora_alpha: float = 16.0      # LoRA scale: the adapter's output is multiplied by alpha / rank
+    lora_dropout: float = 0.0     # dropout on the adapters' input
+    lora_targets: str = "attn.c_attn,attn.c_proj,mlp.c_fc,mlp.c_proj"  # comma-separated linear layers given adapters
 
     def __post_init__(self):
         choices = {"norm": ("layernorm", "rmsnorm"), "positions": ("learned", "rope"),
@@ -286,6 +291,10 @@ class GPT(nn.Module):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
                 if config.zero_init_proj:
                     nn.init.zeros_(p)
+        if config.n_classes:
+            self.add_classifier(config.n_classes)
+        if config.lora_rank:
+            self.add_lora(config.lora_rank, config.lora_alpha, config.lora_dropout, config.lora_targets)
 
     def _init_weights(self, module):
         if isinstance(module, nn.Linear):
@@ -328,10 +337,10 @@ class GPT(nn.Module):
                      f"{self.config.block_size} positions)")
         return "\n".join(lines)
 
-    def forward(self, idx, targets=None, label_smoothing=0.0, cache=None):
-        """idx (B, T) token ids -> logits (B, T, vocab); with targets (B, T), also the mean
-        cross-entropy over the positions whose target is not -1. With a KVCache, idx continues
-        the cached tokens: positions start after them and the cache grows by T."""
+    def hidden_states(self, idx, cache=None):
+        """idx (B, T) token ids -> the final-norm hidden states (B, T, C), the input of the heads.
+        With a KVCache, idx continues the cached tokens: positions start after them and the
+        cache grows by T."""
         B, T = idx.size()
         if T > self.config.block_size:
             raise ValueError(f"sequence of length {T} is longer than block_size {self.config.block_size}")
@@ -357,8 +366,12 @@ class GPT(nn.Module):
             x = block(x, cos, sin, None if cache is None else cache.layer(i), mask)
         if cache is not None:
             cache.advance(T)
-        x = self.transformer.ln_f(x)
-        logits = self.lm_head(x)  # (B, T, vocab)
+        return self.transformer.ln_f(x)
+
+    def forward(self, idx, targets=None, label_smoothing=0.0, cache=None):
+        """idx (B, T) token ids -> logits (B, T, vocab); with targets (B, T), also the mean
+        cross-entropy over the positions whose target is not -1 (see hidden_states for cache)."""
+        logits = self.lm_head(self.hidden_states(idx, cache))  # (B, T, vocab)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1),
@@ -714,3 +727,118 @@ def beam_search(model, prompt, max_new_tokens, beam_width, length_penalty=1.0, e
         candidates += [(t, s, len(t)) for t, s in zip(beams, new_scores)]
     ranked = sorted(candidates, key=lambda c: normalized_score(c[1], c[2], length_penalty), reverse=True)
     return [(tokens, total) for tokens, total, _ in ranked]
+
+
+# ----------------------------------------------------------------------------------------------
+# Classification head: a linear layer on the hidden state of the last real token (GPT-1, and the
+# "LLMs from scratch" spam classifier). With causal attention that token has seen the whole text
+# and nothing after it, so right-padding never changes what the head reads.
+
+def _add_classifier(self, n_classes):
+    """Give the model a fresh head of n_classes outputs (N(0, 0.02) weights, zero bias)."""
+    self.cls_head = nn.Linear(self.config.n_embd, n_classes, bias=True)
+    self.cls_head.to(self.lm_head.weight.device)
+    nn.init.normal_(self.cls_head.weight, mean=0.0, std=0.02)
+    nn.init.zeros_(self.cls_head.bias)
+    self.config.n_classes = n_classes
+
+
+def _classify(self, idx, lengths, labels=None, lm_weight=0.0, label_smoothing=0.0, class_weight=None):
+    """idx (B, T) right-padded token ids, lengths (B,) real tokens per row (>= 1) -> class logits
+    (B, n_classes); with labels (B,), also L = L_cls + lm_weight * L_lm, where L_lm is next-token
+    cross-entropy over the real tokens only (GPT-1's auxiliary objective)."""
+    h = self.hidden_states(idx)  # (B, T, C)
+    rows = torch.arange(idx.size(0), device=idx.device)
+    logits = self.cls_head(h[rows, lengths - 1])  # (B, n_classes)
+    if labels is None:
+        return logits, None
+    loss = F.cross_entropy(logits.float(), labels, weight=class_weight, label_smoothing=label_smoothing)
+    if lm_weight > 0:
+        targets = idx[:, 1:].masked_fill(  # a target is real if its position is < length
+            torch.arange(1, idx.size(1), device=idx.device)[None, :] >= lengths[:, None], -1)  # (B, T-1)
+        lm_logits = self.lm_head(h[:, :-1])  # (B, T-1, vocab)
+        lm_loss = F.cross_entropy(lm_logits.reshape(-1, lm_logits.size(-1)).float(), targets.reshape(-1),
+                                  ignore_index=-1, label_smoothing=label_smoothing)
+        loss = loss + lm_weight * lm_loss
+    return logits, loss
+
+
+# attached here rather than in the class body so that this section stays self-contained
+GPT.add_classifier = _add_classifier
+GPT.classify = _classify
+
+
+# ----------------------------------------------------------------------------------------------
+# LoRA (Hu et al. 2021): W x + (alpha / r) B A x with A (r, in), B (out, r); B starts at zero so
+# the adapted model starts equal to the base one. The adapter lives beside the base weight in the
+# same module, so a base checkpoint's keys (….weight, ….bias) load unchanged.
+
+class LoRALinear(nn.Linear):
+    def __init__(self, base, rank, alpha, dropout):
+        nn.Module.__init__(self)  # reuse the base module's tensors, allocate nothing new for them
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight, self.bias = base.weight, base.bias
+        self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, device=base.weight.device))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, device=base.weight.device))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as nn.Linear initialises its weight
+        self.scale = alpha / rank
+        self.lora_dropout = nn.Dropout(dropout)
+
+    def forward(self, x):  # x (..., in) -> (..., out)
+        delta = F.linear(F.linear(self.lora_dropout(x), self.lora_A), self.lora_B)  # (..., r) -> (..., out)
+        return F.linear(x, self.weight, self.bias) + self.scale * delta
+
+    def merged(self):
+        """A plain nn.Linear whose weight is W + scale * B A."""
+        out = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                        device=self.weight.device, dtype=self.weight.dtype)
+        with torch.no_grad():
+            out.weight.copy_(self.weight + self.scale * (self.lora_B @ self.lora_A))
+            if self.bias is not None:
+                out.bias.copy_(self.bias)
+        return out
+
+
+def _lora_modules(self, targets):
+    """(parent, attribute name) of every linear layer named by targets, e.g. "attn.c_attn"."""
+    wanted = [t.strip() for t in targets.split(",") if t.strip()]
+    known = {"attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"}
+    unknown = [t for t in wanted if t not in known]
+    if unknown or not wanted:
+        raise ValueError(f"lora_targets {targets!r}: choose from {', '.join(sorted(known))}")
+    for block in self.transformer.h:
+        for t in wanted:
+            sub, name = t.split(".")
+            yield getattr(block, sub), name
+
+
+def _add_lora(self, rank, alpha=16.0, dropout=0.0, targets="attn.c_attn,attn.c_proj,mlp.c_fc,mlp.c_proj"):
+    """Wrap the target linear layers of every block in LoRA adapters (B = 0: outputs unchanged)."""
+    if rank < 1:
+        raise ValueError(f"lora_rank must be >= 1, got {rank}")
+    for parent, name in list(_lora_modules(self, targets)):
+        base = getattr(parent, name)
+        if isinstance(base, LoRALinear):
+            raise ValueError("the model already has LoRA adapters")
+        setattr(parent, name, LoRALinear(base, rank, alpha, dropout))
+    self.config.lora_rank, self.config.lora_alpha = rank, alpha
+    self.config.lora_dropout, self.config.lora_targets = dropout, targets
+
+
+def _merge_lora(self):
+    """Fold every adapter into its base weight (W += scale B A) and drop it: a plain model again."""
+    for module in list(self.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, LoRALinear):
+                setattr(module, name, child.merged())
+    self.config.lora_rank = 0
+    return self
+
+
+def lora_state_dict(model):
+    """Only the adapters and the classification head: what a LoRA fine-tune adds to its base."""
+    return {k: v for k, v in model.state_dict().items() if ".lora_" in k or k.startswith("cls_head.")}
+
+
+GPT.add_lora = _add_lora
+GPT.merge_lora = _merge_lora

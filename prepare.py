@@ -37,6 +37,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from tasks import TaskError, prepare_task, tokenizer_of_dataset
 from tokenizer import (BPE_FILE, PATTERNS, CharTokenizer, TokenizerError, bpe_tokenizer, gpt2_tokenizer,
                        load_tokenizer, save_bpe, train_bpe)
 
@@ -541,6 +542,14 @@ def main(argv):
     p.add_argument("--text_field", default="text", help="the field of each .jsonl line (or dataset row) "
                                                         "that holds the text")
     p.add_argument("--workers", type=int, default=None, help="encoding threads (default: one per CPU core)")
+    p.add_argument("--task", choices=["lm", "classify", "instruct"], default="lm",
+                   help="lm: a token stream; classify: a TSV/CSV of label and text; instruct: Alpaca JSON "
+                        "(see tasks.py for the files written)")
+    p.add_argument("--test_fraction", type=float, default=0.2, help="classify/instruct: share held out for test")
+    p.add_argument("--max_length", type=int, default=0, help="classify/instruct: keep at most this many tokens "
+                   "per example (0: all)")
+    p.add_argument("--positive", help="classify: the positive class for precision/recall/F1 (default: the rarer)")
+    p.add_argument("--seed", type=int, default=1337, help="classify/instruct: seed of the split")
     args = p.parse_args(argv)
     if args.name is None and args.input is None:
         p.error("name a known corpus or pass --input PATH")
@@ -560,6 +569,14 @@ def main(argv):
         raise PrepareError(f"--bpe_train_bytes must be positive, got {args.bpe_train_bytes}")
     if args.workers is not None and args.workers < 1:
         raise PrepareError(f"--workers must be at least 1, got {args.workers}")
+    if args.task != "lm":
+        if args.input is None:
+            raise PrepareError(f"--task {args.task} needs --input PATH")
+        out_dir = args.out or os.path.join("data", os.path.splitext(os.path.basename(os.path.normpath(args.input)))[0])
+        tok = tokenizer_of_dataset(args.tokenizer_from) if args.tokenizer_from else None
+        prepare_task(args.task, args.input, tokenizer, out_dir, args.val_fraction, args.test_fraction,
+                     args.max_length, args.vocab_size or 4096, args.positive, args.seed, tok=tok)
+        return
     out_dir = args.out or os.path.join("data", args.name or os.path.splitext(os.path.basename(
         os.path.normpath(args.input)))[0])
     input_path, hf_name = args.input, None
@@ -578,6 +595,6 @@ def main(argv):
 if __name__ == "__main__":
     try:
         main(sys.argv[1:])
-    except (PrepareError, TokenizerError) as e:
+    except (PrepareError, TokenizerError, TaskError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)

@@ -6,11 +6,15 @@ Generate text from a trained checkpoint.
   python sample.py --out_dir=out --prompts_file=prompts.txt --top_p=0.9 --stop="\n\n" --stream
   python sample.py --out_dir=out --beam_width=4 --num_samples=1 --temperature=0
   python sample.py --bench    # tokens/s with the KV cache vs re-running the whole context
+  python sample.py --out_dir=out-instruct --instruct --start="Name three primary colors."
+  python sample.py --out_dir=out-instruct --instruct --interactive
+  python sample.py --out_dir=out-spam --start="WIN a free prize"   # a classifier: label and probability
 
 Decoding uses a KV cache (model.KVCache): the prompts are prefilled once, then each step runs the
 model on one new token. All prompts and their num_samples samples are decoded as one batch
 (left-padded), except with --stream, which decodes one sample at a time and prints it as it grows.
 Generation stops at max_new_tokens, at the end-of-text token (BPE tokenizers) or at --stop.
+A classifier checkpoint labels the text instead (with FILE:, each non-empty line).
 
 The tokenizer is the one of the dataset the checkpoint was trained on (recorded in the
 checkpoint from the dataset's meta.json). `python sample.py --help` lists every setting.
@@ -54,6 +58,9 @@ class SampleConfig:
     dtype: str = "auto"            # auto | float32 | bfloat16 | float16
     compile: bool = False          # torch.compile the model
     threads: int = 0               # CPU threads for torch (1 suits one-token steps on a busy machine); 0: torch's default
+    instruct: bool = False         # wrap the prompt in the instruction template (tasks.py); stop at end-of-text
+    interactive: bool = False      # with instruct: answer instructions typed at a "> " prompt until an empty line
+    instruct_eval: str = ""        # val | test: answer every prompt of that split of the checkpoint's instruct dataset (greedy); print the end-of-text rate
 
 
 def check_settings(cfg):
@@ -262,6 +269,57 @@ def bench(cfg, device):
     print(f"{'speed-up':>15}: {rates['kv cache'] / rates['full recompute']:8.1f}x")
 
 
+def print_labels(model, tokenizer, cfg, device):
+    """One line per text: label, its probability, the text."""
+    from tasks import label_texts
+    ckpt_cfg = load_checkpoint(cfg["out_dir"] if cfg["init_from"] == "resume" else cfg["init_from"])["config"]
+    text = read_prompt(cfg["start"])
+    texts = [t for t in text.splitlines() if t.strip()] if cfg["start"].startswith("FILE:") else [text]
+    for t, (label, p) in zip(texts, label_texts(model, tokenizer, texts, ckpt_cfg.get("label_names", []), device)):
+        print(f"{label}\t{p:.4f}\t{t}")
+
+
+def print_instruct_eval(model, tokenizer, cfg, device):
+    import json
+    from tasks import instruct_report
+    ckpt = load_checkpoint(cfg["out_dir"] if cfg["init_from"] == "resume" else cfg["init_from"])
+    data_dir = ckpt.get("dataset_dir") or ""
+    meta_path = os.path.join(data_dir, "meta.json")
+    if not os.path.isfile(meta_path):
+        raise ConfigError(f"the checkpoint's dataset {data_dir} is gone; instruct_eval reads its prompts")
+    with open(meta_path, encoding="utf-8") as f:
+        meta = json.load(f)
+    if meta.get("task") != "instruct" or cfg["instruct_eval"] not in ("val", "test"):
+        raise ConfigError("instruct_eval=val|test needs a checkpoint trained on an instruct dataset")
+    rate, examples = instruct_report(model, tokenizer, data_dir, meta, cfg["instruct_eval"], device,
+                                     cfg["max_new_tokens"])
+    for prompt, answer, reference, stopped in examples:
+        print(f"{prompt}{answer}{'<|endoftext|>' if stopped else '...'}\n[reference: {reference}]\n---------------")
+    print(f"{cfg['instruct_eval']}: {rate:.1%} of answers stay in the template and end with end-of-text")
+
+
+def instruct_loop(model, tokenizer, cfg, device):
+    """Answer the prompt (or, interactive, each line typed) in the instruction template."""
+    from tasks import respond
+    if tokenizer.eot_token is None:
+        raise ConfigError("--instruct needs a model whose tokenizer has an end-of-text token (gpt2 or bpe)")
+    top_k = cfg["top_k"] or None
+    if not cfg["interactive"]:
+        for _ in range(cfg["num_samples"]):
+            print(respond(model, tokenizer, read_prompt(cfg["start"]), device, cfg["max_new_tokens"],
+                          cfg["temperature"], top_k)[0])
+            print("---------------")
+        return
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            break
+        if not line.strip():
+            break
+        print(respond(model, tokenizer, line, device, cfg["max_new_tokens"], cfg["temperature"], top_k)[0], flush=True)
+
+
 def main(argv):
     cfg, _ = parse_args(argv, [SampleConfig], "sample.py", __doc__.strip().splitlines()[0])
     check_settings(cfg)
@@ -276,6 +334,12 @@ def main(argv):
     model, tokenizer = load_model(cfg, device)
     if cfg["compile"]:
         model = torch.compile(model)
+    if model.config.n_classes:
+        return print_labels(model, tokenizer, cfg, device)
+    if cfg["instruct_eval"]:
+        return print_instruct_eval(model, tokenizer, cfg, device)
+    if cfg["instruct"] or cfg["interactive"]:
+        return instruct_loop(model, tokenizer, cfg, device)
     prompts = [encode_prompt(tokenizer, text) for text in read_prompts(cfg)]
     eot = tokenizer.eot_token if cfg["stop_at_eot"] else None
     generator = torch.Generator(device=device).manual_seed(cfg["seed"])

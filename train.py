@@ -85,11 +85,20 @@ class TrainConfig:
     seed: int = 1337                      # seeds weights, dropout and batch sampling
     peak_flops: float = 0.0               # device peak FLOP/s for MFU; 0 looks the GPU up in a table
     bench: int = 0                        # >0: time this many training steps and sampling, print the figures, save nothing
+    # fine-tuning: datasets of prepare.py --task classify|instruct (see tasks.py); LoRA keys are in the model's
+    trainable: str = "all"                # all | last_blocks (last trainable_blocks blocks, final norm, head) | lora (adapters, head)
+    trainable_blocks: int = 1             # trainable=last_blocks: how many of the last blocks train
+    cls_lm_weight: float = 0.0            # classify: lambda of the auxiliary LM loss, L = L_cls + lambda * L_lm (GPT-1)
+    class_weights: bool = False           # classify: weight the loss of each class by its inverse frequency
+    balanced: bool = False                # classify: draw training examples so that every class is equally likely
+    pack: bool = False                    # instruct: pack several whole examples into each row of block_size tokens
 
 
 ARCH_KEYS = [k for k in GPTConfig.keys() if k not in ("attn_impl",)]
+# added to a loaded model by adapt_model (a head, adapters) rather than read from its checkpoint
+ADAPT_KEYS = ("n_classes", "lora_rank", "lora_alpha", "lora_dropout", "lora_targets")
 # settings that shape the weights: a checkpoint's values win over the command line for these
-SHAPE_KEYS = [k for k in ARCH_KEYS if k not in ("dropout", "block_size")]
+SHAPE_KEYS = [k for k in ARCH_KEYS if k not in ("dropout", "block_size") and k not in ADAPT_KEYS]
 
 
 class TrainError(RuntimeError):
@@ -667,6 +676,133 @@ def benchmark(cfg, model, train_step, batches, local_accum, rank, tokens_per_ite
 
 
 # -----------------------------------------------------------------------------------------------
+# fine-tuning tasks (classify, instruct; see tasks.py): helpers main() branches on once, so that
+# plain language-model training runs exactly as before
+
+def setup_task(cfg, meta, world):
+    """Check the settings against the dataset's task ("lm" when meta.json names none); records the
+    task's facts in cfg (saved with every checkpoint) and returns the task name."""
+    task = meta.get("task", "lm")
+    if cfg["trainable"] not in ("all", "last_blocks", "lora"):
+        raise TrainError(f"trainable={cfg['trainable']!r} is not one of 'all', 'last_blocks', 'lora'")
+    if cfg["trainable"] == "last_blocks" and cfg["trainable_blocks"] < 1:
+        raise TrainError(f"trainable_blocks must be >= 1, got {cfg['trainable_blocks']}")
+    if cfg["trainable"] == "lora" and cfg["lora_rank"] < 1:
+        raise TrainError("trainable=lora needs lora_rank >= 1 (e.g. --lora_rank=8)")
+    if cfg["lora_rank"] < 0 or cfg["lora_alpha"] <= 0 or not 0 <= cfg["lora_dropout"] < 1:
+        raise TrainError("lora_rank must be >= 0, lora_alpha > 0 and lora_dropout in [0, 1)")
+    known = {"attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"}
+    targets = [t.strip() for t in cfg["lora_targets"].split(",") if t.strip()]
+    if not targets or set(targets) - known:
+        raise TrainError(f"lora_targets={cfg['lora_targets']!r}: a comma-separated list of {', '.join(sorted(known))}")
+    if task == "lm":
+        return task
+    if task not in ("classify", "instruct"):
+        raise TrainError(f"dataset {cfg['dataset']!r} has unknown task {task!r}; re-run prepare.py")
+    if world > 1:
+        raise TrainError(f"{task} datasets train in one process; run train.py without torchrun")
+    if cfg["pack"] and task != "instruct":
+        raise TrainError("pack=True applies to instruct datasets only")
+    if cfg["cls_lm_weight"] < 0:
+        raise TrainError(f"cls_lm_weight must be >= 0, got {cfg['cls_lm_weight']}")
+    cfg["task"] = task
+    if task == "classify":
+        cfg["n_classes"] = len(meta["label_names"])
+        cfg["label_names"] = list(meta["label_names"])
+        cfg["positive_id"] = meta["label_names"].index(meta["positive_class"])
+    return task
+
+
+def adapt_model(model, cfg, task, wanted):
+    """Give a built or loaded model what the run needs (classification head, LoRA adapters), then
+    freeze what cfg["trainable"] keeps fixed; returns a line with the trainable-parameter count.
+    wanted: the n_classes and lora_* settings asked for, before build_model copied the checkpoint's."""
+    try:
+        if task == "classify" and model.config.n_classes == 0:  # e.g. from a language-model checkpoint
+            model.add_classifier(wanted["n_classes"])
+        elif task == "classify" and model.config.n_classes != wanted["n_classes"]:
+            raise TrainError(f"the checkpoint's head has {model.config.n_classes} classes but dataset "
+                             f"{cfg['dataset']!r} has {wanted['n_classes']}")
+        if wanted["lora_rank"] and not model.config.lora_rank:
+            model.add_lora(wanted["lora_rank"], wanted["lora_alpha"], wanted["lora_dropout"], wanted["lora_targets"])
+    except ValueError as e:
+        raise TrainError(str(e)) from None
+    mode = cfg["trainable"]
+    n_layer = model.config.n_layer
+    last = tuple(f"transformer.h.{i}." for i in range(max(0, n_layer - cfg["trainable_blocks"]), n_layer))
+    head = "cls_head." if model.config.n_classes else None
+    for name, p in model.named_parameters():
+        if mode == "all":
+            keep = True
+        elif mode == "lora":
+            keep = ".lora_" in name or (task == "classify" and name.startswith("cls_head."))
+        else:  # last_blocks: the top of the network and whichever head the task reads
+            keep = name.startswith(last + ("transformer.ln_f.",)) or (
+                name.startswith("cls_head.") if task == "classify" and head else p is model.lm_head.weight)
+        p.requires_grad_(keep)
+    for k in ARCH_KEYS:
+        cfg[k] = getattr(model.config, k)
+    n_total = sum(p.numel() for p in model.parameters())
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return f"trainable: {n_train:,} of {n_total:,} parameters ({100 * n_train / n_total:.2f}%), trainable={mode}"
+
+
+def task_splits(data_dir, meta, cfg, block_size, device):
+    """train / val / test ExampleBatches of a task dataset (balanced and pack apply to train only)."""
+    from tasks import ExampleBatches, TaskError
+    try:
+        return {s: ExampleBatches(data_dir, s, meta, block_size, cfg["batch_size"], device, cfg["seed"] + i,
+                                  balanced=cfg["balanced"] and s == "train", pack=cfg["pack"] and s == "train")
+                for i, s in enumerate(("train", "val", "test"))}
+    except TaskError as e:
+        raise TrainError(str(e)) from None
+
+
+def task_loss_fn(model, cfg, meta, task, device):
+    """batch -> (logits, loss) for classify; None for the tasks that batch as (x, y) (lm, instruct)."""
+    if task != "classify":
+        return None
+    weight = None
+    if cfg["class_weights"]:  # inverse frequency, normalised so that a balanced set gets weight 1
+        counts = np.array([meta["label_counts"][n] for n in meta["label_names"]], dtype=np.float64)
+        weight = torch.tensor(counts.sum() / (len(counts) * counts), dtype=torch.float32, device=device)
+    return lambda batch: model.classify(*batch, lm_weight=cfg["cls_lm_weight"],
+                                        label_smoothing=cfg["label_smoothing"], class_weight=weight)
+
+
+def task_evaluator(model, splits, cfg, autocast):
+    """estimate_loss for a task: loss on the first eval_iters batches of train and on all of val,
+    plus val/acc, val/precision, val/recall, val/f1 (of the positive class) for classify."""
+    from tasks import evaluate_split
+
+    def evaluate():
+        train = evaluate_split(model, splits["train"], cfg, autocast, limit=cfg["eval_iters"] * cfg["batch_size"])
+        val = evaluate_split(model, splits["val"], cfg, autocast)
+        return {"train": train["loss"], "val": val["loss"], **{f"val/{k}": v for k, v in val.items() if k != "loss"}}
+    return evaluate
+
+
+def task_test(model, splits, cfg, autocast, iter_num):
+    """The metrics of the final model on the held-out test split, as a metrics.jsonl record."""
+    from tasks import evaluate_split
+    result = evaluate_split(model, splits["test"], cfg, autocast)
+    return {"iter": iter_num, **{f"test/{k}": v for k, v in result.items()}}
+
+
+def save_adapters(model, cfg):
+    """With LoRA, also write adapters.pt: only the adapters and the head (small), plus the model
+    config and the base checkpoint they apply to."""
+    if not model.config.lora_rank:
+        return
+    from model import lora_state_dict
+    base = cfg["init_from"] if cfg["init_from"] not in ("resume", "scratch") else cfg.get("lora_base", "")
+    cfg["lora_base"] = base  # a resumed run keeps pointing at the original base checkpoint
+    torch.save({"adapters": lora_state_dict(model), "model_config": asdict(model.config), "config": cfg,
+                "base": os.path.abspath(checkpoint_path(base)) if base else ""},
+               os.path.join(cfg["out_dir"], "adapters.pt"))
+
+
+# -----------------------------------------------------------------------------------------------
 # the run
 
 def main(argv):
@@ -680,19 +816,26 @@ def main(argv):
     local_accum = cfg["gradient_accumulation_steps"] // world
 
     data_dir, meta = resolve_dataset(cfg["dataset"])
-    check_data_length(data_dir, meta, cfg["block_size"])  # before building a model that size
-    check_bins(data_dir, meta)
+    task = setup_task(cfg, meta, world)
+    if task == "lm":
+        check_data_length(data_dir, meta, cfg["block_size"])  # before building a model that size
+        check_bins(data_dir, meta)
     torch.manual_seed(cfg["seed"])  # the same initial weights on every process
     requested = dict(cfg)  # build_model overwrites the architecture keys with the checkpoint's
+    wanted = {k: cfg[k] for k in ADAPT_KEYS}  # the head and adapters asked for, before that
     model, ckpt = build_model(cfg, explicit, meta["vocab_size"])
     changed = check_resume(requested, explicit, ckpt, meta) if cfg["init_from"] == "resume" else []
     if ckpt is not None and cfg["init_from"] != "resume":
         check_same_vocabulary(ckpt, meta, cfg["dataset"])
+    trainable_line = adapt_model(model, cfg, task, wanted)
     block_size = model.config.block_size
     tokens_per_iter = cfg["gradient_accumulation_steps"] * cfg["batch_size"] * block_size
     torch.manual_seed(cfg["seed"] + rank)  # dropout differs per process; batches don't (see Batches)
-    splits = {s: Batches(os.path.join(data_dir, f"{s}.bin"), meta["dtype"], block_size, cfg["batch_size"], device,
-                         cfg["seed"] + (0 if s == "train" else 1)) for s in ("train", "val")}
+    if task == "lm":
+        splits = {s: Batches(os.path.join(data_dir, f"{s}.bin"), meta["dtype"], block_size, cfg["batch_size"], device,
+                             cfg["seed"] + (0 if s == "train" else 1)) for s in ("train", "val")}
+    else:
+        splits = task_splits(data_dir, meta, cfg, block_size, device)
 
     iter_num, best_val_loss = 0, float("inf")
     model.to(device)
@@ -721,6 +864,8 @@ def main(argv):
         print(model.describe())
         print(f"tokens per iteration: {tokens_per_iter:,} ({world} process(es) x {local_accum} micro-batches "
               f"x {cfg['batch_size']} x {block_size}); device {device}, {dtype}")
+        if task != "lm" or cfg["trainable"] != "all" or model.config.lora_rank:
+            print(trainable_line)
     if device_type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -775,11 +920,14 @@ def main(argv):
         """One optimizer step over this process's micro-batches; returns the mean loss (a tensor)."""
         loss_sum = torch.zeros((), device=device)
         for micro, starts in enumerate(micro_batches):
-            x, y = splits["train"].get(starts)
+            batch = splits["train"].get(starts)  # (x, y); classify: (x, lengths, labels)
             if world > 1:  # all-reduce gradients only after the last micro-batch
                 model.require_backward_grad_sync = micro == len(micro_batches) - 1
             with autocast:
-                _, loss = model(x, y, label_smoothing=cfg["label_smoothing"])
+                if loss_fn is None:
+                    _, loss = model(*batch, label_smoothing=cfg["label_smoothing"])
+                else:
+                    _, loss = loss_fn(batch)
                 loss = loss / len(micro_batches)
             scaler.scale(loss).backward()
             loss_sum += loss.detach()
@@ -830,6 +978,9 @@ def main(argv):
                          "train_generator": splits["train"].generator.get_state(), "rng": rng, "world_size": world},
                         cfg["out_dir"], cfg["keep_checkpoints"])
 
+    loss_fn = task_loss_fn(raw_model, cfg, meta, task, device)
+    if task != "lm":
+        estimate_loss = task_evaluator(raw_model, splits, cfg, autocast)  # noqa: F811 (whole examples, all of val)
     peak = cfg["peak_flops"] or peak_flops_of(device_type)
     if cfg["bench"]:  # every process takes part in the timed steps; rank 0 reports
         benchmark(cfg, raw_model, train_step, splits["train"], local_accum, rank, tokens_per_iter, peak, device)
@@ -847,15 +998,18 @@ def main(argv):
         if (iter_num % cfg["eval_interval"] == 0 or iter_num >= max_iters) and not just_resumed or cfg["eval_only"]:
             losses = estimate_loss()
             if master:
-                print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+                extra = {k: v for k, v in losses.items() if "/" in k}  # a task's val metrics
+                print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}"
+                      + "".join(f", {k} {v:.4f}" for k, v in extra.items()))
                 log({"iter": iter_num, "tokens": iter_num * tokens_per_iter, "train/loss": losses["train"],
-                     "val/loss": losses["val"], "elapsed_s": time.time() - run_start})
+                     "val/loss": losses["val"], **extra, "elapsed_s": time.time() - run_start})
             # every process decides (and saves) together: saving gathers their random states
             if not cfg["eval_only"] and iter_num > start_iter and any_process(
                     losses["val"] < best_val_loss or cfg["always_save_checkpoint"], world, device):
                 best_val_loss = min(best_val_loss, losses["val"])
                 save(best_val_loss, eval_loss=losses["val"])
                 if master:
+                    save_adapters(raw_model, cfg)
                     print(f"saved checkpoint to {cfg['out_dir']}")
             t_last, iters_since = time.time(), 0  # evaluation time is not training time
         if iter_num >= max_iters or cfg["eval_only"]:
@@ -886,6 +1040,10 @@ def main(argv):
 
     if stop is not None:
         stop.restore()
+    if task != "lm" and master and not cfg["eval_only"]:
+        record = task_test(raw_model, splits, cfg, autocast, iter_num)
+        print("test (final model): " + ", ".join(f"{k[5:]} {v:.4f}" for k, v in record.items() if k != "iter"))
+        log(record)
     if writes:
         metrics.close()
         if wandb_run is not None:

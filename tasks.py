@@ -1,0 +1,455 @@
+"""
+Fine-tuning tasks beside plain language modelling: text classification and instruction following.
+
+prepare.py --task classify|instruct builds a dataset folder; train.py reads meta.json's "task" and
+batches through the classes here. File formats (no pickle anywhere):
+  meta.json             task, tokenizer, vocab_size, dtype, splits (examples per split), max_length;
+                        classify: label_names (id = position), positive_class; instruct: template
+  {split}.bin           the token ids of every example of the split, one after another (dtype)
+  {split}.index.npz     offsets (int64, n+1: example i is tokens[offsets[i]:offsets[i+1]]) and
+                        classify: labels (int64), full_lengths (int64, tokens before truncation);
+                        instruct: mask (uint8, one per token: 1 on the response and end-of-text)
+Splits are train / val / test; classification splits are stratified (each label keeps its share).
+Read with np.load(..., allow_pickle=False).
+
+The instruction template (Alpaca's, as in "Build a Large Language Model from Scratch"):
+
+  Below is an instruction that describes a task. Write a response that appropriately completes the request.
+
+  ### Instruction:
+  {instruction}
+
+  ### Input:          <- this section only when input is not empty
+  {input}
+
+  ### Response:
+  {output}<|endoftext|>
+
+The prompt is everything up to and including "### Response:\\n"; the loss sees only the response
+and its end-of-text token.
+"""
+import csv
+import json
+import os
+import random
+
+import numpy as np
+import torch
+
+INSTRUCT_HEAD = ("Below is an instruction that describes a task. "
+                 "Write a response that appropriately completes the request.")
+RESPONSE_MARK = "### Response:\n"
+
+
+class TaskError(ValueError):
+    """Bad task data or settings; printed as one line."""
+
+
+# -----------------------------------------------------------------------------------------------
+# the instruction template
+
+def instruct_prompt(instruction, input_text=""):
+    """The prompt part of the template: everything the model is given before it answers."""
+    text = f"{INSTRUCT_HEAD}\n\n### Instruction:\n{instruction}\n\n"
+    if input_text:
+        text += f"### Input:\n{input_text}\n\n"
+    return text + RESPONSE_MARK
+
+
+# -----------------------------------------------------------------------------------------------
+# reading the inputs
+
+def read_labelled(path, label_col=0, text_col=1):
+    """[(label, text)] from a TSV (default) or a .csv file. The first row is a header when its
+    label occurs nowhere else in the label column (e.g. "Label\\tSMS")."""
+    if not os.path.isfile(path):
+        raise TaskError(f"input {path} not found; pass a TSV or CSV file of label and text")
+    delimiter = "," if path.lower().endswith(".csv") else "\t"
+    try:
+        with open(path, encoding="utf-8", newline="") as f:
+            # SMSSpamCollection holds bare quotes inside texts: only CSV uses quoting
+            rows = list(csv.reader(f, delimiter=delimiter, quoting=csv.QUOTE_MINIMAL if delimiter == ","
+                                   else csv.QUOTE_NONE))
+    except UnicodeDecodeError:
+        raise TaskError(f"{path} is not UTF-8 text") from None
+    rows = [r for r in rows if r and any(c.strip() for c in r)]
+    need = max(label_col, text_col) + 1
+    for i, r in enumerate(rows):
+        if len(r) < need:
+            raise TaskError(f"{path} line {i + 1} has {len(r)} field(s), need {need} (label and text "
+                            f"separated by {'a comma' if delimiter == ',' else 'a tab'})")
+    pairs = [(r[label_col].strip(), r[text_col] if len(r) == need else delimiter.join(r[text_col:]))
+             for r in rows]
+    if pairs and sum(1 for lab, _ in pairs if lab == pairs[0][0]) == 1:
+        pairs = pairs[1:]  # a header
+    if not pairs:
+        raise TaskError(f"{path} holds no labelled rows")
+    return pairs
+
+
+def read_alpaca(path):
+    """[(instruction, input, output)] from an Alpaca-style JSON list."""
+    if not os.path.isfile(path):
+        raise TaskError(f"input {path} not found; pass an Alpaca-style JSON file")
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise TaskError(f"{path} is not valid JSON ({type(e).__name__})") from None
+    if not isinstance(data, list) or not data:
+        raise TaskError(f"{path} must hold a non-empty JSON list of records")
+    records = []
+    for i, r in enumerate(data):
+        if not isinstance(r, dict) or not isinstance(r.get("instruction"), str) or not isinstance(r.get("output"), str):
+            raise TaskError(f"{path} record {i} needs string fields \"instruction\" and \"output\"")
+        inp = r.get("input") or ""
+        if not isinstance(inp, str):
+            raise TaskError(f"{path} record {i}: \"input\" must be a string")
+        records.append((r["instruction"], inp, r["output"]))
+    return records
+
+
+# -----------------------------------------------------------------------------------------------
+# splitting and writing
+
+def split_indices(n, val_fraction, test_fraction, seed, groups=None):
+    """{"train", "val", "test": sorted indices}; with groups (a label per item), stratified."""
+    if not (0 < val_fraction and 0 < test_fraction and val_fraction + test_fraction < 1):
+        raise TaskError(f"val_fraction and test_fraction must be > 0 and sum to < 1, "
+                        f"got {val_fraction} and {test_fraction}")
+    rng = random.Random(seed)
+    keys = groups if groups is not None else [0] * n
+    out = {"train": [], "val": [], "test": []}
+    for g in sorted(set(keys)):
+        idx = [i for i in range(n) if keys[i] == g]
+        rng.shuffle(idx)
+        n_test, n_val = round(len(idx) * test_fraction), round(len(idx) * val_fraction)
+        out["test"] += idx[:n_test]
+        out["val"] += idx[n_test:n_test + n_val]
+        out["train"] += idx[n_test + n_val:]
+    for split, idx in out.items():
+        if not idx:
+            raise TaskError(f"the {split} split is empty; use more data or larger fractions")
+    return {k: sorted(v) for k, v in out.items()}
+
+
+def write_examples(out_dir, split, seqs, dtype, **arrays):
+    """{split}.bin (tokens back to back) and {split}.index.npz (offsets and per-example arrays),
+    each written beside and renamed into place."""
+    offsets = np.zeros(len(seqs) + 1, dtype=np.int64)
+    offsets[1:] = np.cumsum([len(s) for s in seqs])
+    tokens = np.concatenate([np.asarray(s, dtype=dtype) for s in seqs]) if seqs else np.zeros(0, dtype)
+    with open(os.path.join(out_dir, f"{split}.bin.tmp"), "wb") as f:
+        tokens.tofile(f)
+    with open(os.path.join(out_dir, f"{split}.index.npz.tmp"), "wb") as f:
+        np.savez(f, offsets=offsets, **arrays)
+    return [(os.path.join(out_dir, f"{split}{ext}.tmp"), os.path.join(out_dir, f"{split}{ext}"))
+            for ext in (".bin", ".index.npz")]
+
+
+def read_examples(data_dir, split, dtype):
+    """(tokens memmap, {offsets, labels | mask, ...}) of one split of a task dataset."""
+    path = os.path.join(data_dir, f"{split}.bin")
+    index = os.path.join(data_dir, f"{split}.index.npz")
+    if not (os.path.isfile(path) and os.path.isfile(index)):
+        raise TaskError(f"{path} or its index is missing; re-run prepare.py for this dataset")
+    with np.load(index, allow_pickle=False) as z:
+        arrays = {k: z[k] for k in z.files}
+    tokens = np.memmap(path, dtype=dtype, mode="r") if os.path.getsize(path) else np.zeros(0, dtype)
+    return tokens, arrays
+
+
+def make_tokenizer(kind, texts, vocab_size):
+    """char (alphabet of texts), gpt2, or a byte-level BPE of vocab_size trained on texts."""
+    from tokenizer import CharTokenizer, bpe_tokenizer, gpt2_tokenizer, train_bpe
+    if kind == "char":
+        return CharTokenizer(sorted(set("".join(texts))))
+    if kind == "gpt2":
+        return gpt2_tokenizer()
+    if kind == "bpe":
+        bpe = train_bpe(texts, vocab_size)
+        tok = bpe_tokenizer(bpe)
+        tok.source_bpe = bpe  # kept so that save_tokenizer_file can write it next to the data
+        return tok
+    raise TaskError(f"unknown tokenizer {kind!r}; use char, gpt2 or bpe")
+
+
+def tokenizer_of_dataset(data_dir):
+    """The tokenizer of an existing dataset folder (to prepare more data the same way)."""
+    from tokenizer import load_bpe, load_tokenizer
+    meta_path = os.path.join(data_dir, "meta.json")
+    if not os.path.isfile(meta_path):
+        raise TaskError(f"no dataset at {data_dir} (no meta.json) to take the tokenizer from")
+    with open(meta_path, encoding="utf-8") as f:
+        meta = json.load(f)["tokenizer"]
+    tok = load_tokenizer(meta, data_dir)
+    if tok.kind == "bpe":
+        tok.source_bpe = load_bpe(os.path.join(data_dir, meta["file"]))
+    return tok
+
+
+def save_tokenizer_file(tok, out_dir):
+    """A trained BPE goes into the dataset folder as tokenizer.json (char and gpt2 live in meta.json)."""
+    from tokenizer import BPE_FILE, save_bpe
+    if tok.kind == "bpe":
+        save_bpe(os.path.join(out_dir, tok.meta().get("file", BPE_FILE)), tok.source_bpe)
+
+
+def prepare_task(task, input_path, tokenizer, out_dir, val_fraction=0.1, test_fraction=0.2, max_length=0,
+                 vocab_size=2048, positive=None, seed=1337, tok=None):
+    """Build a classify or instruct dataset folder (see the module docstring); returns meta.
+    tok: an already built tokenizer to use instead of making one (e.g. another dataset's)."""
+    if max_length < 0:
+        raise TaskError(f"max_length must be >= 0 (0: no truncation), got {max_length}")
+    if task == "classify":
+        pairs = read_labelled(input_path)
+        names = sorted({lab for lab, _ in pairs})
+        if len(names) < 2:
+            raise TaskError(f"{input_path} has a single label {names[0]!r}; classification needs two or more")
+        counts = {n: sum(1 for lab, _ in pairs if lab == n) for n in names}
+        if positive is None:  # the rarer class is usually the one to find (spam, fraud, ...)
+            positive = min(names, key=lambda n: (counts[n], n))
+        if positive not in names:
+            raise TaskError(f"positive class {positive!r} is not a label; labels: {', '.join(names)}")
+        labels = [names.index(lab) for lab, _ in pairs]
+        texts = [t for _, t in pairs]
+        splits = split_indices(len(pairs), val_fraction, test_fraction, seed, groups=labels)
+    elif task == "instruct":
+        records = read_alpaca(input_path)
+        prompts = [instruct_prompt(ins, inp) for ins, inp, _ in records]
+        texts = [p + out for p, (_, _, out) in zip(prompts, records)]
+        splits = split_indices(len(records), val_fraction, test_fraction, seed)
+    else:
+        raise TaskError(f"unknown task {task!r}; use classify or instruct")
+    if tok is None:
+        # a BPE learns from train only; a char alphabet must cover every split to encode it at all
+        tok = make_tokenizer(tokenizer, texts if tokenizer == "char" else [texts[i] for i in splits["train"]],
+                             vocab_size)
+    if task == "instruct" and tok.eot_token is None:
+        raise TaskError("instruction data needs a tokenizer with an end-of-text token: gpt2 or bpe")
+    dtype = np.uint16 if tok.vocab_size <= 1 << 16 else np.uint32
+    os.makedirs(out_dir, exist_ok=True)
+    renames, sizes, truncated = [], {}, 0
+    for split, idx in splits.items():
+        if task == "classify":
+            full = [tok.encode(texts[i]) or [0] for i in idx]  # an empty text still needs a last token
+            seqs = [s[:max_length] if max_length else s for s in full]
+            truncated += sum(len(s) < len(f) for s, f in zip(seqs, full))
+            renames += write_examples(out_dir, split, seqs, dtype, labels=np.array([labels[i] for i in idx], np.int64),
+                                      full_lengths=np.array([len(f) for f in full], np.int64))
+        else:
+            seqs, masks = [], []
+            for i in idx:
+                p = tok.encode(prompts[i])
+                r = tok.encode(records[i][2]) + [tok.eot_token]
+                s, m = p + r, [0] * len(p) + [1] * len(r)
+                if max_length and len(s) > max_length:
+                    s, m, truncated = s[:max_length], m[:max_length], truncated + 1
+                seqs.append(s)
+                masks.append(m)
+            renames += write_examples(out_dir, split, seqs, dtype, mask=np.concatenate(
+                [np.asarray(m, np.uint8) for m in masks]))
+        sizes[split] = len(idx)
+    save_tokenizer_file(tok, out_dir)
+    meta = {"task": task, "tokenizer": tok.meta(), "vocab_size": tok.vocab_size, "dtype": np.dtype(dtype).name,
+            "splits": sizes, "max_length": max_length, "truncated": truncated, "seed": seed,
+            "val_fraction": val_fraction, "test_fraction": test_fraction}
+    if task == "classify":
+        meta.update(label_names=names, positive_class=positive, label_counts=counts)
+    else:
+        meta.update(template="alpaca")
+    for tmp, final in renames:
+        os.replace(tmp, final)
+    with open(os.path.join(out_dir, "meta.json.tmp"), "w", encoding="utf-8") as f:
+        json.dump(meta, f, indent=1, ensure_ascii=False)
+    os.replace(os.path.join(out_dir, "meta.json.tmp"), os.path.join(out_dir, "meta.json"))
+    # the train split as plain text (one example per line for classify, blank-line separated for
+    # instruct), for pretraining a base language model with --tokenizer_from on no held-out text
+    with open(os.path.join(out_dir, "train_text.txt"), "w", encoding="utf-8") as f:
+        sep = "\n" if task == "classify" else "\n\n"
+        f.write(sep.join(" ".join(texts[i].split()) if task == "classify" else texts[i] for i in splits["train"]) + "\n")
+    print(f"{out_dir}: {task}, {sizes['train']} train / {sizes['val']} val / {sizes['test']} test examples, "
+          f"vocab {tok.vocab_size:,} ({tok.kind}), {truncated} truncated to max_length {max_length}")
+    return meta, tok
+
+
+# -----------------------------------------------------------------------------------------------
+# batching for train.py
+
+class ExampleBatches:
+    """Micro-batches of whole examples of one split, padded on the right to the longest in the batch.
+
+    classify: get() -> (x (B, T), lengths (B,), labels (B,)); padding is token 0, which the
+      classifier never reads (it reads position length-1 and attention is causal).
+    instruct: get() -> (x (B, T), y (B, T)), y = the next token where the mask is 1, else -1, so
+      the prompt and the padding add nothing to the loss. With pack, each row holds several whole
+      examples back to back (attention then also sees the earlier examples of the row).
+    Like train.py's Batches, a seeded torch.Generator draws the examples.
+    """
+
+    def __init__(self, data_dir, split, meta, block_size, batch_size, device, seed, balanced=False, pack=False):
+        self.task, self.block_size, self.batch_size, self.device = meta["task"], block_size, batch_size, device
+        self.tokens, arrays = read_examples(data_dir, split, meta["dtype"])
+        self.offsets = arrays["offsets"]
+        self.n = len(self.offsets) - 1
+        self.labels = arrays.get("labels")
+        self.mask = arrays.get("mask")
+        self.pack = pack
+        self.generator = torch.Generator().manual_seed(seed)
+        self.weights = None
+        if balanced and self.labels is not None:  # every class equally likely, whatever its size
+            counts = np.bincount(self.labels)
+            self.weights = torch.from_numpy(1.0 / counts[self.labels])
+
+    def draw(self, n):
+        """Example ids for n micro-batches: (n, batch_size), or (n, 8 * batch_size) candidates to pack."""
+        k = self.batch_size * (8 if self.pack else 1)
+        if self.weights is not None:
+            return torch.multinomial(self.weights, n * k, replacement=True, generator=self.generator).view(n, k).numpy()
+        return torch.randint(self.n, (n, k), generator=self.generator).numpy()
+
+    def example(self, i):
+        a, b = self.offsets[i], self.offsets[i + 1]
+        return np.asarray(self.tokens[a:b], dtype=np.int64), (self.mask[a:b] if self.mask is not None else None)
+
+    def rows(self, ids):
+        """The examples of one micro-batch: [(tokens, mask)], packed into rows when pack is on."""
+        if not self.pack:
+            return [self.example(i) for i in ids]
+        rows, used = [], 0
+        for _ in range(self.batch_size):
+            toks, masks, room = [], [], self.block_size + 1
+            while used < len(ids):
+                t, m = self.example(ids[used])
+                if toks and len(t) > room:
+                    break
+                toks.append(t[:room]), masks.append(m[:room])
+                room -= len(toks[-1])
+                used += 1
+            if toks:
+                rows.append((np.concatenate(toks), np.concatenate(masks)))
+        return rows
+
+    def get(self, ids):
+        rows = self.rows(ids)
+        if self.task == "classify":
+            seqs = [t[:self.block_size] for t, _ in rows]
+            x = np.zeros((len(seqs), max(map(len, seqs))), dtype=np.int64)  # (B, T)
+            for r, s in enumerate(seqs):
+                x[r, :len(s)] = s
+            batch = (x, np.array([len(s) for s in seqs]), self.labels[np.asarray(ids)])
+        else:
+            T = min(self.block_size, max(len(t) for t, _ in rows) - 1)
+            x = np.zeros((len(rows), T), dtype=np.int64)
+            y = np.full((len(rows), T), -1, dtype=np.int64)
+            for r, (t, m) in enumerate(rows):
+                t, m = t[:T + 1], m[:T + 1]
+                x[r, :len(t) - 1] = t[:-1]
+                y[r, :len(t) - 1] = np.where(m[1:] == 1, t[1:], -1)  # predict only response tokens
+            batch = (x, y)
+        return tuple(torch.from_numpy(a).to(self.device) for a in batch)
+
+
+def binary_metrics(preds, labels, positive):
+    """Accuracy, and precision, recall and F1 of the positive class (0 where undefined)."""
+    preds, labels = np.asarray(preds), np.asarray(labels)
+    tp = int(((preds == positive) & (labels == positive)).sum())
+    fp = int(((preds == positive) & (labels != positive)).sum())
+    fn = int(((preds != positive) & (labels == positive)).sum())
+    precision = tp / (tp + fp) if tp + fp else 0.0
+    recall = tp / (tp + fn) if tp + fn else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return {"acc": float((preds == labels).mean()), "precision": precision, "recall": recall, "f1": f1}
+
+
+@torch.no_grad()
+def evaluate_split(model, batches, cfg, autocast, limit=None):
+    """Loss over a split's examples in order (all, or the first limit): per example for classify
+    (plus the metrics), per response token for instruct."""
+    model.eval()
+    n = batches.n if limit is None else min(limit, batches.n)
+    total, count, preds, labels = 0.0, 0, [], []
+    for start in range(0, n, batches.batch_size):
+        ids = np.arange(start, min(n, start + batches.batch_size))
+        if batches.task == "classify":
+            x, lengths, y = batches.get(ids)
+            with autocast:
+                logits, loss = model.classify(x, lengths, y)
+            total += loss.item() * len(ids)
+            count += len(ids)
+            preds.append(logits.argmax(-1).cpu().numpy())
+            labels.append(y.cpu().numpy())
+        else:
+            packed, batches.pack = batches.pack, False  # evaluate each example on its own
+            x, y = batches.get(ids)
+            batches.pack = packed
+            with autocast:
+                _, loss = model(x, y)
+            k = int((y != -1).sum())
+            total += loss.item() * k
+            count += k
+    model.train()
+    out = {"loss": total / max(count, 1)}
+    if batches.task == "classify":
+        out.update(binary_metrics(np.concatenate(preds), np.concatenate(labels), cfg["positive_id"]))
+    return out
+
+
+# -----------------------------------------------------------------------------------------------
+# using a fine-tuned model (sample.py)
+
+@torch.no_grad()
+def generate_until(model, idx, max_new_tokens, stop_token, temperature=1.0, top_k=None):
+    """Tokens generated after idx (1, T), one at a time, up to and without stop_token; returns
+    (ids, stopped): stopped is False when max_new_tokens ran out first."""
+    out = []
+    for _ in range(max_new_tokens):
+        idx = model.generate(idx, 1, temperature=temperature, top_k=top_k)
+        token = int(idx[0, -1])
+        if token == stop_token:
+            return out, True
+        out.append(token)
+    return out, False
+
+
+def respond(model, tokenizer, instruction, device, max_new_tokens=200, temperature=0.0, top_k=None, input_text=""):
+    """The model's answer to an instruction wrapped in the template: (text, ended with end-of-text)."""
+    prompt = tokenizer.encode(instruct_prompt(instruction, input_text))
+    prompt = prompt[-model.config.block_size:]
+    x = torch.tensor(prompt, dtype=torch.long, device=device)[None, :]
+    ids, stopped = generate_until(model, x, max_new_tokens, tokenizer.eot_token, temperature, top_k)
+    return tokenizer.decode(ids), stopped
+
+
+@torch.no_grad()
+def label_texts(model, tokenizer, texts, label_names, device):
+    """[(label, probability of that label)] for each text, read at its last token."""
+    out = []
+    for text in texts:
+        ids = (tokenizer.encode(text) or [0])[:model.config.block_size]
+        x = torch.tensor(ids, dtype=torch.long, device=device)[None, :]
+        logits, _ = model.classify(x, torch.tensor([len(ids)], device=device))
+        probs = torch.softmax(logits.float(), dim=-1)[0]  # (n_classes,)
+        k = int(probs.argmax())
+        out.append((label_names[k] if k < len(label_names) else str(k), float(probs[k])))
+    return out
+
+
+def instruct_report(model, tokenizer, data_dir, meta, split, device, max_new_tokens=100, show=3):
+    """Greedy answers to every prompt of a split of an instruct dataset: the share that stay in the
+    template (no new "### " section) and end with end-of-text by themselves, and a few examples."""
+    tokens, arrays = read_examples(data_dir, split, meta["dtype"])
+    offsets, mask = arrays["offsets"], arrays["mask"]
+    ok, examples = 0, []
+    for i in range(len(offsets) - 1):
+        seq, m = np.asarray(tokens[offsets[i]:offsets[i + 1]], dtype=np.int64), mask[offsets[i]:offsets[i + 1]]
+        prompt = seq[m == 0][-model.config.block_size:]
+        x = torch.tensor(prompt, device=device)[None, :]
+        ids, stopped = generate_until(model, x, max_new_tokens, tokenizer.eot_token, temperature=0.0)
+        answer = tokenizer.decode(ids)
+        good = stopped and "### " not in answer and answer.strip() != ""
+        ok += good
+        if len(examples) < show:
+            reference = tokenizer.decode([t for t in seq[m == 1].tolist() if t != tokenizer.eot_token])
+            examples.append((tokenizer.decode(prompt.tolist()), answer, reference, stopped))
+    return ok / max(1, len(offsets) - 1), examples
