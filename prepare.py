@@ -582,11 +582,16 @@ def main(argv):
     input_path, hf_name = args.input, None
     if input_path is None and args.name in HF_DATASETS:
         hf_name = args.name
-    elif input_path is None:  # a known corpus, downloaded once into its folder
-        input_path = os.path.join(out_dir, "input.txt")
-        if not os.path.exists(input_path):
+    elif args.name in KNOWN:  # a known corpus lives in its folder: downloaded once, or copied from --input
+        corpus_copy = os.path.join(out_dir, "input.txt")
+        if input_path is not None and os.path.isfile(input_path) and not (
+                os.path.exists(corpus_copy) and os.path.samefile(input_path, corpus_copy)):
             os.makedirs(out_dir, exist_ok=True)
-            download(KNOWN[args.name][1], input_path)
+            shutil.copyfile(input_path, corpus_copy)
+        elif input_path is None and not os.path.exists(corpus_copy):
+            os.makedirs(out_dir, exist_ok=True)
+            download(KNOWN[args.name][1], corpus_copy)
+        input_path = corpus_copy
     prepare(input_path, tokenizer, out_dir, args.val_fraction, vocab_size=args.vocab_size,
             bpe_pattern=args.bpe_pattern, bpe_train_bytes=args.bpe_train_bytes and int(args.bpe_train_bytes),
             tokenizer_dir=args.tokenizer_from, text_field=args.text_field, workers=args.workers, hf_name=hf_name)
