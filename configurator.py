@@ -7,6 +7,7 @@ Settings for train.py and sample.py, from three places, later ones winning:
 Usage: python train.py [config/file.py ...] [--key=value ...]; --help lists every key.
 An unknown key or a value of the wrong type is a ConfigError naming the key.
 """
+import argparse
 import ast
 import difflib
 import inspect
@@ -140,3 +141,12 @@ def parse_args(argv, classes, prog, description):
                 set_key(key, value)
         i += 1
     return config, explicit
+
+
+class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """argparse help for the scripts that use argparse: every option shows its default, once."""
+
+    def _get_help_string(self, action):
+        if "default" in (action.help or "") or action.default is argparse.SUPPRESS:
+            return action.help
+        return super()._get_help_string(action)

@@ -12,6 +12,8 @@ import json
 import os
 import sys
 
+from configurator import DefaultsHelpFormatter
+
 
 class PlotError(RuntimeError):
     """Bad input; printed as one line."""
@@ -70,7 +72,7 @@ def plot(runs, labels, out_path):
 
 def main(argv):
     p = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=DefaultsHelpFormatter)
     p.add_argument("out_dirs", nargs="+", help="run folders holding metrics.jsonl")
     p.add_argument("--labels", default="", help="comma-separated names for the runs (default: folder names)")
     p.add_argument("--out", default="", help="PNG to write (default: loss.png in the first run's folder)")

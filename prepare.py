@@ -30,6 +30,8 @@ import re
 import shutil
 import socket
 import sys
+
+from configurator import DefaultsHelpFormatter
 import time
 import urllib.request
 from collections import deque
@@ -522,7 +524,7 @@ def prepare(input_path, tokenizer, out_dir, val_fraction=0.1, *, vocab_size=None
 
 def main(argv):
     p = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=DefaultsHelpFormatter)
     p.add_argument("name", nargs="?", help=f"a known corpus: {', '.join([*KNOWN, *HF_DATASETS])}")
     p.add_argument("--input", help="a UTF-8 .txt file, a .jsonl file (one document a line) or a folder of "
                                    "either (for a known corpus: its local copy)")

@@ -40,6 +40,8 @@ import argparse
 import heapq
 import json
 import sys
+
+from configurator import DefaultsHelpFormatter
 import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass
@@ -525,7 +527,7 @@ class _Parser(argparse.ArgumentParser):
 
 def main(argv=None):
     p = _Parser(description="Look at tokens, measure bytes/token, or time the BPE trainer.",
-                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                formatter_class=DefaultsHelpFormatter)
     p.add_argument("--tokenizer", choices=["char", "gpt2", "bpe"], default=None,
                    help="which tokenizer; by default the one in --data's meta.json, "
                         "bpe with --file, else gpt2")

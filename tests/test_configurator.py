@@ -66,3 +66,15 @@ def test_help_lists_every_key_with_its_default(capsys):
         line = next((l for l in out.splitlines() if l.strip().startswith(f"--{key} ")), None)
         assert line is not None and "(default: " in line, key
         assert len(line.split("(default:")[0].strip()) > len(key) + 2, f"{key} has no help text"
+
+
+@pytest.mark.parametrize("script", ["prepare.py", "sample.py", "train.py", "tokenizer.py", "plot.py"])
+def test_every_option_of_every_script_shows_its_default_in_help(script, tmp_path):
+    import re
+    from conftest import run_script
+    out = run_script(script, "--help", cwd=tmp_path).stdout
+    entries = re.split(r"\n  (?=-)", out.split("options:" if "options:" in out else "keys:", 1)[1])
+    options = [e for e in entries if e.lstrip().startswith("--")]
+    assert len(options) >= 2
+    for entry in options:
+        assert "default" in entry, f"{script}: {entry.split()[0]} has no default in --help"
