@@ -5,11 +5,11 @@
 # Benchmarks section for what each one buys).
 out_dir = "out-speedrun-char-cpu"
 dataset = "shakespeare_char"
-eval_interval = 350   # evaluate once, at the end: evaluation time counts in a speedrun
+eval_interval = 300   # evaluate once, at the end: evaluation time counts in a speedrun
 eval_iters = 20
 log_interval = 50
 
-batch_size = 32       # more tokens per step: the small matrices use the cores better
+batch_size = 16       # more tokens per step than 12: the small matrices use the cores better
 block_size = 64
 
 n_layer = 4
@@ -27,10 +27,10 @@ optimizer = "muon"    # Muon for the block matrices, AdamW for embeddings, head 
 muon_lr = 0.03
 learning_rate = 3e-3  # AdamW's part
 weight_decay = 0.0
-max_iters = 350
+max_iters = 300
 lr_schedule = "wsd"   # warmup, stable, then a linear warm-down to zero
 warmup_iters = 20
-warmdown_iters = 150
+warmdown_iters = 120
 min_lr = 0.0
 
 device = "cpu"

@@ -24,8 +24,8 @@ dropout = 0.0
 bias = False
 
 learning_rate = 1e-3
-max_iters = 2000
-lr_decay_iters = 2000
+max_iters = 3000
+lr_decay_iters = 3000
 min_lr = 1e-4
 beta2 = 0.99
 warmup_iters = 100

@@ -129,3 +129,20 @@ def test_muon_trains_the_block_matrices_and_lowers_the_loss(workdir):
           "--muon_lr=0.02", "--lr_schedule=wsd", "--warmdown_iters=10")
     evals = [r for r in read_metrics(workdir / "muon") if "val/loss" in r]
     assert evals[-1]["val/loss"] < evals[0]["val/loss"] - 0.5
+
+
+def test_float32_muon_takes_the_steps_of_torch_muon():
+    from train import MuonFloat32
+    torch.manual_seed(0)
+    ours = [torch.nn.Parameter(torch.randn(shape)) for shape in [(16, 48), (16, 48), (48, 16), (16, 16)]]
+    theirs = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    opt_ours = MuonFloat32(ours, lr=0.02, weight_decay=0.1)
+    opt_theirs = torch.optim.Muon(theirs, lr=0.02, weight_decay=0.1)  # orthogonalises in bfloat16
+    for _ in range(3):
+        for a, b in zip(ours, theirs):
+            a.grad = torch.randn_like(a)
+            b.grad = a.grad.clone()
+        opt_ours.step()
+        opt_theirs.step()
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, atol=2e-3, rtol=0)
