@@ -163,7 +163,8 @@ def make_tokenizer(kind, texts, vocab_size):
     """char (alphabet of texts), gpt2, or a byte-level BPE of vocab_size trained on texts."""
     from tokenizer import CharTokenizer, bpe_tokenizer, gpt2_tokenizer, train_bpe
     if kind == "char":
-        return CharTokenizer(sorted(set("".join(texts))))
+        # "\n" too: train_text.txt puts one example a line, for a language model of the same text
+        return CharTokenizer(sorted(set("".join(texts)) | {"\n"}))
     if kind == "gpt2":
         return gpt2_tokenizer()
     if kind == "bpe":
