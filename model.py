@@ -16,6 +16,9 @@ Design choices, each a switch in GPTConfig:
 - init: N(0, 0.02) everywhere, residual output projections scaled by 1/sqrt(2 n_layer) (GPT-2), or
   zero (zero_init_proj, as recent speedrun recipes do: every block starts as the identity).
 
+Fine-tuning: GPT.add_classifier / classify put a linear head on the last real token's hidden state
+(GPT-1); GPT.add_lora wraps the block's linear layers in LoRALinear adapters, merge_lora folds them in.
+
 Decoding (the sections at the end): KVCache keeps each layer's keys and values so a new token
 costs one position's work; Decoder feeds a batch (left-padded prompts, positions per row) and
 slides the window past block_size; decode_steps / generate_batch / GPT.generate sample with
@@ -266,6 +269,37 @@ class Block(nn.Module):
         return x
 
 
+# ----------------------------------------------------------------------------------------------
+# LoRA (Hu et al. 2021): W x + (alpha / r) B A x with A (r, in), B (out, r); B starts at zero so
+# the adapted model starts equal to the base one. The adapter lives beside the base weight in the
+# same module, so a base checkpoint's keys (….weight, ….bias) load unchanged.
+
+class LoRALinear(nn.Linear):
+    def __init__(self, base, rank, alpha, dropout):
+        nn.Module.__init__(self)  # reuse the base module's tensors, allocate nothing new for them
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight, self.bias = base.weight, base.bias
+        self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, device=base.weight.device))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, device=base.weight.device))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as nn.Linear initialises its weight
+        self.scale = alpha / rank
+        self.lora_dropout = nn.Dropout(dropout)
+
+    def forward(self, x):  # x (..., in) -> (..., out)
+        delta = F.linear(F.linear(self.lora_dropout(x), self.lora_A), self.lora_B)  # (..., r) -> (..., out)
+        return F.linear(x, self.weight, self.bias) + self.scale * delta
+
+    def merged(self):
+        """A plain nn.Linear whose weight is W + scale * B A."""
+        out = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                        device=self.weight.device, dtype=self.weight.dtype)
+        with torch.no_grad():
+            out.weight.copy_(self.weight + self.scale * (self.lora_B @ self.lora_A))
+            if self.bias is not None:
+                out.bias.copy_(self.bias)
+        return out
+
+
 class GPT(nn.Module):
     def __init__(self, config):
         super().__init__()
@@ -312,7 +346,8 @@ class GPT(nn.Module):
         return n
 
     def param_counts(self):
-        """Parameters by part: embeddings, attention, mlp, norms, head (when untied)."""
+        """Parameters by part: embeddings, attention, mlp (LoRA adapters included), norms, heads (the
+        untied lm_head, a classification head)."""
         parts = {"embeddings": 0, "attention": 0, "mlp": 0, "norms": 0, "head": 0}
         seen = set()
         for name, p in self.named_parameters():
@@ -322,7 +357,7 @@ class GPT(nn.Module):
             part = ("embeddings" if name.startswith(("transformer.wte", "transformer.wpe")) else
                     "attention" if ".attn." in name and "_norm" not in name else
                     "mlp" if ".mlp." in name else
-                    "head" if name.startswith("lm_head") else "norms")
+                    "head" if name.startswith(("lm_head", "cls_head")) else "norms")
             parts[part] += p.numel()
         return parts
 
@@ -386,6 +421,70 @@ class GPT(nn.Module):
             self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size])
         else:
             self.rope_cos, self.rope_sin = self.rope_cos[:block_size], self.rope_sin[:block_size]
+
+    # Fine-tuning: a classification head (GPT-1, the spam classifier) and LoRA adapters.
+    # The head reads the hidden state of the last real token: with causal attention it has seen the
+    # whole text and nothing after it, so right-padding never changes what the head reads.
+
+    def add_classifier(self, n_classes):
+        """Give the model a fresh head of n_classes outputs (N(0, 0.02) weights, zero bias)."""
+        self.cls_head = nn.Linear(self.config.n_embd, n_classes, bias=True)
+        self.cls_head.to(self.lm_head.weight.device)
+        nn.init.normal_(self.cls_head.weight, mean=0.0, std=0.02)
+        nn.init.zeros_(self.cls_head.bias)
+        self.config.n_classes = n_classes
+
+    def classify(self, idx, lengths, labels=None, lm_weight=0.0, label_smoothing=0.0, class_weight=None):
+        """idx (B, T) right-padded token ids, lengths (B,) real tokens per row (>= 1) -> class logits
+        (B, n_classes); with labels (B,), also L = L_cls + lm_weight * L_lm, where L_lm is next-token
+        cross-entropy over the real tokens only (GPT-1's auxiliary objective)."""
+        h = self.hidden_states(idx)  # (B, T, C)
+        rows = torch.arange(idx.size(0), device=idx.device)
+        logits = self.cls_head(h[rows, lengths - 1])  # (B, n_classes)
+        if labels is None:
+            return logits, None
+        loss = F.cross_entropy(logits.float(), labels, weight=class_weight, label_smoothing=label_smoothing)
+        if lm_weight > 0:
+            targets = idx[:, 1:].masked_fill(  # a target is real if its position is < length
+                torch.arange(1, idx.size(1), device=idx.device)[None, :] >= lengths[:, None], -1)  # (B, T-1)
+            lm_logits = self.lm_head(h[:, :-1])  # (B, T-1, vocab)
+            lm_loss = F.cross_entropy(lm_logits.reshape(-1, lm_logits.size(-1)).float(), targets.reshape(-1),
+                                      ignore_index=-1, label_smoothing=label_smoothing)
+            loss = loss + lm_weight * lm_loss
+        return logits, loss
+
+    def _lora_modules(self, targets):
+        """(parent, attribute name) of every linear layer named by targets, e.g. "attn.c_attn"."""
+        wanted = [t.strip() for t in targets.split(",") if t.strip()]
+        known = {"attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"}
+        unknown = [t for t in wanted if t not in known]
+        if unknown or not wanted:
+            raise ValueError(f"lora_targets {targets!r}: choose from {', '.join(sorted(known))}")
+        for block in self.transformer.h:
+            for t in wanted:
+                sub, name = t.split(".")
+                yield getattr(block, sub), name
+
+    def add_lora(self, rank, alpha=16.0, dropout=0.0, targets="attn.c_attn,attn.c_proj,mlp.c_fc,mlp.c_proj"):
+        """Wrap the target linear layers of every block in LoRA adapters (B = 0: outputs unchanged)."""
+        if rank < 1:
+            raise ValueError(f"lora_rank must be >= 1, got {rank}")
+        for parent, name in list(self._lora_modules(targets)):
+            base = getattr(parent, name)
+            if isinstance(base, LoRALinear):
+                raise ValueError("the model already has LoRA adapters")
+            setattr(parent, name, LoRALinear(base, rank, alpha, dropout))
+        self.config.lora_rank, self.config.lora_alpha = rank, alpha
+        self.config.lora_dropout, self.config.lora_targets = dropout, targets
+
+    def merge_lora(self):
+        """Fold every adapter into its base weight (W += scale B A) and drop it: a plain model again."""
+        for module in list(self.modules()):
+            for name, child in list(module.named_children()):
+                if isinstance(child, LoRALinear):
+                    setattr(module, name, child.merged())
+        self.config.lora_rank = 0
+        return self
 
     def flops_per_token(self):
         """Training FLOPs per token: 6 per parameter (forward + backward) plus attention scores
@@ -730,115 +829,8 @@ def beam_search(model, prompt, max_new_tokens, beam_width, length_penalty=1.0, e
 
 
 # ----------------------------------------------------------------------------------------------
-# Classification head: a linear layer on the hidden state of the last real token (GPT-1, and the
-# "LLMs from scratch" spam classifier). With causal attention that token has seen the whole text
-# and nothing after it, so right-padding never changes what the head reads.
-
-def _add_classifier(self, n_classes):
-    """Give the model a fresh head of n_classes outputs (N(0, 0.02) weights, zero bias)."""
-    self.cls_head = nn.Linear(self.config.n_embd, n_classes, bias=True)
-    self.cls_head.to(self.lm_head.weight.device)
-    nn.init.normal_(self.cls_head.weight, mean=0.0, std=0.02)
-    nn.init.zeros_(self.cls_head.bias)
-    self.config.n_classes = n_classes
-
-
-def _classify(self, idx, lengths, labels=None, lm_weight=0.0, label_smoothing=0.0, class_weight=None):
-    """idx (B, T) right-padded token ids, lengths (B,) real tokens per row (>= 1) -> class logits
-    (B, n_classes); with labels (B,), also L = L_cls + lm_weight * L_lm, where L_lm is next-token
-    cross-entropy over the real tokens only (GPT-1's auxiliary objective)."""
-    h = self.hidden_states(idx)  # (B, T, C)
-    rows = torch.arange(idx.size(0), device=idx.device)
-    logits = self.cls_head(h[rows, lengths - 1])  # (B, n_classes)
-    if labels is None:
-        return logits, None
-    loss = F.cross_entropy(logits.float(), labels, weight=class_weight, label_smoothing=label_smoothing)
-    if lm_weight > 0:
-        targets = idx[:, 1:].masked_fill(  # a target is real if its position is < length
-            torch.arange(1, idx.size(1), device=idx.device)[None, :] >= lengths[:, None], -1)  # (B, T-1)
-        lm_logits = self.lm_head(h[:, :-1])  # (B, T-1, vocab)
-        lm_loss = F.cross_entropy(lm_logits.reshape(-1, lm_logits.size(-1)).float(), targets.reshape(-1),
-                                  ignore_index=-1, label_smoothing=label_smoothing)
-        loss = loss + lm_weight * lm_loss
-    return logits, loss
-
-
-# attached here rather than in the class body so that this section stays self-contained
-GPT.add_classifier = _add_classifier
-GPT.classify = _classify
-
-
-# ----------------------------------------------------------------------------------------------
-# LoRA (Hu et al. 2021): W x + (alpha / r) B A x with A (r, in), B (out, r); B starts at zero so
-# the adapted model starts equal to the base one. The adapter lives beside the base weight in the
-# same module, so a base checkpoint's keys (….weight, ….bias) load unchanged.
-
-class LoRALinear(nn.Linear):
-    def __init__(self, base, rank, alpha, dropout):
-        nn.Module.__init__(self)  # reuse the base module's tensors, allocate nothing new for them
-        self.in_features, self.out_features = base.in_features, base.out_features
-        self.weight, self.bias = base.weight, base.bias
-        self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, device=base.weight.device))
-        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, device=base.weight.device))
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as nn.Linear initialises its weight
-        self.scale = alpha / rank
-        self.lora_dropout = nn.Dropout(dropout)
-
-    def forward(self, x):  # x (..., in) -> (..., out)
-        delta = F.linear(F.linear(self.lora_dropout(x), self.lora_A), self.lora_B)  # (..., r) -> (..., out)
-        return F.linear(x, self.weight, self.bias) + self.scale * delta
-
-    def merged(self):
-        """A plain nn.Linear whose weight is W + scale * B A."""
-        out = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
-                        device=self.weight.device, dtype=self.weight.dtype)
-        with torch.no_grad():
-            out.weight.copy_(self.weight + self.scale * (self.lora_B @ self.lora_A))
-            if self.bias is not None:
-                out.bias.copy_(self.bias)
-        return out
-
-
-def _lora_modules(self, targets):
-    """(parent, attribute name) of every linear layer named by targets, e.g. "attn.c_attn"."""
-    wanted = [t.strip() for t in targets.split(",") if t.strip()]
-    known = {"attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"}
-    unknown = [t for t in wanted if t not in known]
-    if unknown or not wanted:
-        raise ValueError(f"lora_targets {targets!r}: choose from {', '.join(sorted(known))}")
-    for block in self.transformer.h:
-        for t in wanted:
-            sub, name = t.split(".")
-            yield getattr(block, sub), name
-
-
-def _add_lora(self, rank, alpha=16.0, dropout=0.0, targets="attn.c_attn,attn.c_proj,mlp.c_fc,mlp.c_proj"):
-    """Wrap the target linear layers of every block in LoRA adapters (B = 0: outputs unchanged)."""
-    if rank < 1:
-        raise ValueError(f"lora_rank must be >= 1, got {rank}")
-    for parent, name in list(_lora_modules(self, targets)):
-        base = getattr(parent, name)
-        if isinstance(base, LoRALinear):
-            raise ValueError("the model already has LoRA adapters")
-        setattr(parent, name, LoRALinear(base, rank, alpha, dropout))
-    self.config.lora_rank, self.config.lora_alpha = rank, alpha
-    self.config.lora_dropout, self.config.lora_targets = dropout, targets
-
-
-def _merge_lora(self):
-    """Fold every adapter into its base weight (W += scale B A) and drop it: a plain model again."""
-    for module in list(self.modules()):
-        for name, child in list(module.named_children()):
-            if isinstance(child, LoRALinear):
-                setattr(module, name, child.merged())
-    self.config.lora_rank = 0
-    return self
-
+# LoRA checkpoints
 
 def lora_state_dict(model):
     """Only the adapters and the classification head: what a LoRA fine-tune adds to its base."""
     return {k: v for k, v in model.state_dict().items() if ".lora_" in k or k.startswith("cls_head.")}
-
-
-GPT.add_lora = _add_lora
-GPT.merge_lora = _merge_lora
