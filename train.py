@@ -16,7 +16,6 @@ inf loss stops the run (nan_policy=skip drops the step instead) and never overwr
 checkpoint. To resume with a larger max_iters on the same schedule, set lr_decay_iters: its default
 0 means "max_iters", so the cosine would stretch to the new end.
 """
-import errno
 import json
 import math
 import os

@@ -63,6 +63,22 @@ TINY_MODEL = ["--dataset=tiny", "--n_layer=2", "--n_head=2", "--n_embd=32", "--b
               "--learning_rate=3e-3", "--warmup_iters=5", "--min_lr=3e-4"]
 
 
+def read_split(out, split):
+    """The token ids of one split of a prepared dataset folder, and its meta.json."""
+    import numpy as np
+    meta = json.loads((Path(out) / "meta.json").read_text())
+    return np.fromfile(Path(out) / f"{split}.bin", dtype=meta["dtype"]), meta
+
+
+def decode_splits(out):
+    """(train text, val text, meta) of a prepared dataset folder, decoded with its own tokenizer."""
+    from tokenizer import load_tokenizer
+    train, meta = read_split(out, "train")
+    val, _ = read_split(out, "val")
+    tok = load_tokenizer(meta["tokenizer"], str(out))
+    return tok.decode(train.tolist()), tok.decode(val.tolist()), meta
+
+
 def read_metrics(out_dir):
     with open(Path(out_dir) / "metrics.jsonl", encoding="utf-8") as f:
         return [json.loads(line) for line in f]

@@ -3,7 +3,6 @@ size: small slices of the corpora, a few iterations of a tiny model, a few gener
 import json
 import shlex
 import subprocess
-import sys
 
 import pytest
 

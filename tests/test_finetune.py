@@ -10,7 +10,6 @@ import torch.nn.functional as F
 import tasks
 from conftest import SHARED, TINY_MODEL, read_metrics, run_script
 from model import GPT, GPTConfig
-from tokenizer import CharTokenizer, bpe_tokenizer, load_tokenizer, train_bpe
 from train import adapt_model
 
 

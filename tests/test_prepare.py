@@ -1,24 +1,15 @@
 """prepare.py: text -> token binaries -> the same text; deterministic; bounded pieces."""
-import json
 
-import numpy as np
 import pytest
 
 import prepare
-from conftest import run_script
+from conftest import decode_splits, read_split, run_script
 from tokenizer import load_tokenizer
 
 
-def read_split(out, split):
-    meta = json.loads((out / "meta.json").read_text())
-    return np.fromfile(out / f"{split}.bin", dtype=meta["dtype"]), meta
-
-
 def decode_all(out):
-    train, meta = read_split(out, "train")
-    val, _ = read_split(out, "val")
-    tok = load_tokenizer(meta["tokenizer"], str(out))
-    return tok.decode(train.tolist()) + tok.decode(val.tolist()), meta
+    train_text, val_text, meta = decode_splits(out)
+    return train_text + val_text, meta
 
 
 def test_char_round_trip(tmp_path, corpus_text):

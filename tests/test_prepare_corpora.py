@@ -7,12 +7,11 @@ import subprocess
 import sys
 import types
 
-import numpy as np
 import pytest
 
 import prepare
 import tokenizer
-from conftest import REPO, TINY_MODEL, run_script
+from conftest import REPO, TINY_MODEL, decode_splits, read_split, run_script
 from tokenizer import GPT2_PATTERN, GPT4_PATTERN, _compile, _count_chunks, load_bpe, load_tokenizer
 
 HAN = [chr(c) for c in range(0x4E00, 0x4E00 + 3000)]
@@ -23,18 +22,6 @@ def chinese_lines(rng, n_lines):
     weights = [1 / (i + 1) for i in range(len(HAN))]
     return "".join("".join(rng.choices(HAN, weights, k=rng.randint(5, 30))) + rng.choice("。，！？")
                    + "\n" for _ in range(n_lines))
-
-
-def read_split(out, split):
-    meta = json.loads((out / "meta.json").read_text())
-    return np.fromfile(out / f"{split}.bin", dtype=meta["dtype"]), meta
-
-
-def decode_splits(out):
-    train, meta = read_split(out, "train")
-    val, _ = read_split(out, "val")
-    tok = load_tokenizer(meta["tokenizer"], str(out))
-    return tok.decode(train.tolist()), tok.decode(val.tolist()), meta
 
 
 def write_jsonl(path, docs, field="text"):
