@@ -269,7 +269,7 @@ def state_dict_from_hf(c, tensors, where="weights"):
 
 def state_dict_to_hf(c, sd):
     """HF tensors for our state dict sd of config c (GPT-2 biases we lack are written as zeros)."""
-    fam, out = family(c), {}
+    out = {}
     sizes = {"attn.c_attn": [c["n_head"] * c["head_dim"]] + [c["n_kv_head"] * c["head_dim"]] * 2,
              "mlp.c_fc": [c["mlp_hidden"]] * 2}
     for ours, theirs, how in layout(c):
