@@ -7,7 +7,8 @@ Train a GPT on a prepared dataset: on a laptop CPU, one GPU, or many with torchr
 Settings: the defaults below (TrainConfig, and GPTConfig in model.py for the architecture),
 then a config file, then --key=value. `python train.py --help` lists them all.
 Writes to out_dir: ckpt.pt (model, optimizer, settings, iteration, random states), ckpt.json (a
-JSON summary of it) and metrics.jsonl (one JSON object per log or eval line).
+JSON summary of it) and metrics.jsonl (one JSON object per log or eval line). With parallel=fsdp the
+weights and optimizer state also go to ckpt-ITER.dcp/, one file per process, and ckpt.pt has no optimizer.
 
 Never lose a run: checkpoints are written whole or not at all (temporary file, fsync, rename), and
 --init_from=resume continues exactly where the checkpoint left off (same losses, bit for bit on CPU
@@ -81,6 +82,7 @@ class TrainConfig:
     dtype: str = "auto"                   # auto | float32 | bfloat16 | float16 (auto: bfloat16 on CUDA if supported, else float32)
     compile: bool = False                 # torch.compile the model (worth it on GPUs)
     backend: str = "auto"                 # torch.distributed backend: auto (nccl on CUDA, gloo on CPU) | nccl | gloo
+    parallel: str = "ddp"                 # ddp (whole model in each process) | fsdp (weights, grads, optimizer state sharded)
     seed: int = 1337                      # seeds weights, dropout and batch sampling
     peak_flops: float = 0.0               # device peak FLOP/s for MFU; 0 looks the GPU up in a table
     bench: int = 0                        # >0: time this many training steps and sampling, print the figures, save nothing
@@ -375,18 +377,37 @@ def peak_flops_of(device_type):
 
 
 def setup_distributed(cfg):
-    """(rank, local_rank, world_size); joins the process group when launched by torchrun."""
-    if "RANK" not in os.environ:
+    """(rank, local_rank, world_size); joins the process group when launched by torchrun. parallel=fsdp
+    without torchrun makes a group of one process, so that it runs (and resumes its checkpoints) alone too."""
+    torchrun = "RANK" in os.environ
+    if not torchrun and cfg["parallel"] != "fsdp":
         return 0, 0, 1
-    rank, local_rank, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+    env = os.environ if torchrun else {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1"}
+    rank, local_rank, world = int(env["RANK"]), int(env["LOCAL_RANK"]), int(env["WORLD_SIZE"])
     backend = cfg["backend"]
     if backend == "auto":
         backend = "nccl" if torch.cuda.is_available() and cfg["device"] in ("auto", "cuda") else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(local_rank)
         cfg["device"] = f"cuda:{local_rank}"
-    dist.init_process_group(backend=backend)
+    alone = {} if torchrun else dict(store=dist.HashStore(), rank=0, world_size=1)
+    dist.init_process_group(backend=backend, **alone)
     return rank, local_rank, world
+
+
+def shard_model(model, compile_blocks, dtype, device_type, world):
+    """parallel=fsdp: split each block's weights, then the rest, over the processes, moving them to the
+    device one block at a time; each group is gathered for its forward and backward only. Computes in
+    dtype, keeps float32 weights for the optimizer and reduces gradients in float32 (instead of autocast)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    mesh = init_device_mesh(device_type, (world,))  # fsdp's default would pick CUDA even for device=cpu
+    policy = MixedPrecisionPolicy(param_dtype=getattr(torch, dtype), reduce_dtype=torch.float32)
+    for block in model.transformer.h:
+        if compile_blocks:  # in place, before sharding: fsdp's hooks stay outside compiled code, names unchanged
+            block.compile()
+        fully_shard(block, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
 
 
 # -----------------------------------------------------------------------------------------------
@@ -437,6 +458,11 @@ def save_checkpoint(ckpt, out_dir, keep=0):
         print(f"warning: could not write ckpt.json beside {path} ({e.strerror})", file=sys.stderr)
     if keep > 0:
         keep_recent(path, ckpt["iter_num"], keep)
+
+
+def first_line(e):
+    """An exception's message cut to its first line (or its type's name), for a one-line error."""
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
 
 
 def remove_quietly(path):
@@ -500,6 +526,58 @@ def keep_recent(path, iter_num, keep):
         remove_quietly(old)
 
 
+def save_sharded(model, optimizer, state, out_dir, keep, master):
+    """parallel=fsdp: every process writes its shards of the weights and optimizer state into ckpt-ITER.dcp/,
+    then rank 0 writes ckpt.pt: the whole model (gathered; what sample.py and init_from=PATH read), the run's
+    state, and the name of that folder. ckpt.pt is the commit: until it is replaced, the previous ckpt.pt and
+    the folder it names stay as they were. Called on every process; returns the whole weights on rank 0."""
+    import shutil
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict
+    name = f"ckpt-{state['iter_num']:08d}.dcp"
+    folder, tmp = os.path.join(out_dir, name), os.path.join(out_dir, name + ".tmp")
+    if master:
+        shutil.rmtree(tmp, ignore_errors=True)  # a killed save's leftovers
+    dist.barrier()  # nobody writes into tmp before it is empty
+    model_state, optim_state = get_state_dict(model, optimizer)
+    try:  # returns on every process once all shards and the index are on disk
+        dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=tmp)
+    except Exception as e:  # every process gets the exception, so they all stop here
+        raise TrainError(f"could not write the sharded checkpoint {tmp} ({first_line(e)}); the previous checkpoint in "
+                         f"{out_dir} is intact; free disk space (or fix out_dir), then resume with "
+                         f"--init_from=resume") from None
+    weights = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not master:
+        return None
+    shutil.rmtree(folder, ignore_errors=True)  # named by no ckpt.pt of this run: a save cut short, or an old run's
+    os.replace(tmp, folder)
+    fsync_dir(out_dir)
+    save_checkpoint({"model": weights, **state, "sharded": name}, out_dir, keep)
+    # the folders that ckpt.pt and the kept ckpt-ITER.pt name stay; the rest are old or unfinished saves
+    named = {name} | {n[:-3] + ".dcp" for n in os.listdir(out_dir) if n.startswith("ckpt-") and n.endswith(".pt")}
+    for n in os.listdir(out_dir):
+        if n.startswith("ckpt-") and n.endswith((".dcp", ".dcp.tmp")) and n not in named:
+            shutil.rmtree(os.path.join(out_dir, n), ignore_errors=True)
+    return weights
+
+
+def load_sharded(model, optimizer, path):
+    """Read a ckpt-ITER.dcp/ folder into the sharded model and optimizer, with any number of processes."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    if not os.path.isdir(path):
+        raise TrainError(f"{path}, the sharded state that ckpt.pt names, is missing; start a new run from "
+                         f"ckpt.pt's weights with --init_from=PATH")
+    model_state, optim_state = get_state_dict(model, optimizer)
+    state = {"model": model_state, "optimizer": optim_state}
+    try:
+        dcp.load(state, checkpoint_id=path)
+    except Exception as e:
+        raise TrainError(f"could not read the sharded checkpoint {path} ({first_line(e)}); resume with the "
+                         f"checkpoint's settings, or start anew from ckpt.pt's weights with --init_from=PATH") from None
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+
+
 def rng_state(device):
     """This process's random states (python, numpy, torch, CUDA) as tensors and numbers, which
     weights_only loading accepts (numpy's and python's own state objects it refuses)."""
@@ -542,7 +620,8 @@ def any_process(flag, world, device):
 
 
 def model_is_finite(model):
-    return all(bool(torch.isfinite(p).all()) for p in model.parameters())
+    """Of this process's weights: with fsdp, its own shards (to_local), so any_process must combine them."""
+    return all(bool(torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all()) for p in model.parameters())
 
 
 # settings that shape the weights or the meaning of token ids: a resumed run must match them
@@ -562,6 +641,9 @@ def check_resume(cfg, explicit, ckpt, meta):
     for k in RESUME_FIXED_RUN:
         if k in saved and k in cfg and saved[k] != cfg[k]:
             diffs.append(f"{k} {saved[k]!r} -> {cfg[k]!r}")
+    saved_parallel = "fsdp" if "sharded" in ckpt else "ddp"  # its optimizer state is sharded, or whole in ckpt.pt
+    if cfg["parallel"] != saved_parallel:
+        diffs.append(f"parallel {saved_parallel!r} -> {cfg['parallel']!r}")
     if arch.get("vocab_size") != meta["vocab_size"]:
         diffs.append(f"vocab_size {arch.get('vocab_size')} -> {meta['vocab_size']}")
     if ckpt.get("tokenizer") and ckpt["tokenizer"] != meta["tokenizer"]:  # None: imported weights, vocab size checked
@@ -570,7 +652,8 @@ def check_resume(cfg, explicit, ckpt, meta):
         raise TrainError(f"cannot resume: the checkpoint differs in {'; '.join(diffs)}; resume with the "
                          f"checkpoint's settings and data, or start a new run from it with --init_from=PATH")
     return [f"{k} {saved[k]!r} -> {cfg[k]!r}" for k in cfg
-            if k in saved and k not in RESUME_FIXED + RESUME_FIXED_RUN + ["init_from", "debug"] and saved[k] != cfg[k]]
+            if k in saved and k not in RESUME_FIXED + RESUME_FIXED_RUN + ["init_from", "debug", "parallel"]
+            and saved[k] != cfg[k]]
 
 
 def describe_tokenizer(tok):
@@ -640,6 +723,13 @@ def check_run_settings(cfg):
         raise TrainError(f"nan_policy={cfg['nan_policy']!r} is not one of stop, skip")
     if cfg["keep_checkpoints"] < 0:
         raise TrainError(f"keep_checkpoints must be >= 0, got {cfg['keep_checkpoints']}")
+    if cfg["parallel"] not in ("ddp", "fsdp"):
+        raise TrainError(f"parallel={cfg['parallel']!r} is not one of ddp, fsdp")
+    if cfg["parallel"] == "fsdp" and not dist.is_available():
+        raise TrainError("parallel=fsdp needs torch.distributed, which this build of torch lacks; use parallel=ddp")
+    if cfg["parallel"] == "fsdp" and cfg["optimizer"] == "muon":
+        raise TrainError("optimizer=muon does not work with parallel=fsdp: Muon orthogonalises whole matrices, which "
+                         "fsdp splits over the processes; use optimizer=adamw or parallel=ddp")
 
 
 def build_model(cfg, explicit, vocab_size):
@@ -709,6 +799,9 @@ def benchmark(cfg, model, train_step, batches, local_accum, rank, tokens_per_ite
     print(f"train mfu: {model.estimate_mfu(tokens_per_iter, dt, peak) * 100:.1f}%" if peak else
           "train mfu: n/a (no peak FLOP/s known for this device; set peak_flops)")
     print(f"peak memory: {peak_memory_mb(device):,.0f} MB")
+    if cfg["parallel"] == "fsdp":  # every process would have to take part in each forward
+        print("sample tokens/s: n/a with parallel=fsdp (sample.py reads its ckpt.pt)")
+        return
     model.eval()
     n_new = min(256, 4 * model.config.block_size)
     prompt = torch.zeros(1, 1, dtype=torch.long, device=device)
@@ -744,8 +837,8 @@ def setup_task(cfg, meta, world):
         return task
     if task not in ("classify", "instruct"):
         raise TrainError(f"dataset {cfg['dataset']!r} has unknown task {task!r}; re-run prepare.py")
-    if world > 1:
-        raise TrainError(f"{task} datasets train in one process; run train.py without torchrun")
+    if world > 1 or cfg["parallel"] == "fsdp":
+        raise TrainError(f"{task} datasets train in one process; run train.py without torchrun and parallel=fsdp")
     if cfg["pack"] and task != "instruct":
         raise TrainError("pack=True applies to instruct datasets only")
     if cfg["cls_lm_weight"] < 0:
@@ -834,15 +927,16 @@ def task_test(model, splits, cfg, autocast, iter_num):
     return {"iter": iter_num, **{f"test/{k}": v for k, v in result.items()}}
 
 
-def save_adapters(model, cfg):
+def save_adapters(model, cfg, weights):
     """With LoRA, also write adapters.pt: only the adapters and the head (small), plus the model
-    config and the base checkpoint they apply to."""
+    config and the base checkpoint they apply to. weights: the whole state dict saved in ckpt.pt."""
     if not model.config.lora_rank:
         return
     from model import lora_state_dict
     base = cfg["init_from"] if cfg["init_from"] not in ("resume", "scratch") else cfg.get("lora_base", "")
     cfg["lora_base"] = base  # a resumed run keeps pointing at the original base checkpoint
-    torch.save({"adapters": lora_state_dict(model), "model_config": asdict(model.config), "config": cfg,
+    adapters = {k: weights[k] for k in lora_state_dict(model)}  # with fsdp, the model itself holds only shards
+    torch.save({"adapters": adapters, "model_config": asdict(model.config), "config": cfg,
                 "base": os.path.abspath(checkpoint_path(base)) if base else ""},
                os.path.join(cfg["out_dir"], "adapters.pt"))
 
@@ -858,6 +952,12 @@ def main(argv):
     device = pick_device(cfg["device"])
     device_type = "cuda" if device.startswith("cuda") else device
     dtype = pick_dtype(cfg["dtype"], device_type)
+    sharded = cfg["parallel"] == "fsdp"
+    if sharded and device_type not in ("cuda", "cpu"):
+        raise TrainError(f"parallel=fsdp runs on CUDA or CPU, not {device_type}; use parallel=ddp")
+    if sharded and dtype == "float16":  # GradScaler would find infs in each process's shards alone
+        raise TrainError("parallel=fsdp trains in bfloat16 or float32: float16's loss scaling does not work on "
+                         "sharded gradients; set --dtype=bfloat16 (or float32), or use parallel=ddp")
     local_accum = cfg["gradient_accumulation_steps"] // world
 
     data_dir, meta = resolve_dataset(cfg["dataset"])
@@ -883,17 +983,22 @@ def main(argv):
         splits = task_splits(data_dir, meta, cfg, block_size, device)
 
     iter_num, best_val_loss = 0, float("inf")
-    model.to(device)
+    if sharded:  # before the optimizer, which must hold the sharded parameters
+        shard_model(model, cfg["compile"], dtype, device_type, world)
+    else:
+        model.to(device)
     optimizer = make_optimizer(model, cfg, device_type)
     scaler = torch.amp.GradScaler(device_type, enabled=dtype == "float16")
     resumed_evaluated = True  # whether the checkpoint's iteration was already evaluated
     if cfg["init_from"] == "resume":
-        try:
-            optimizer.load_state_dict(ckpt["optimizer"])
-        except (ValueError, KeyError, RuntimeError) as e:
-            why = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise TrainError(f"the checkpoint's optimizer state does not fit this run ({why}); "
-                             f"resume with the checkpoint's settings") from None
+        if sharded:
+            load_sharded(model, optimizer, os.path.join(cfg["out_dir"], ckpt["sharded"]))
+        else:
+            try:
+                optimizer.load_state_dict(ckpt["optimizer"])
+            except (ValueError, KeyError, RuntimeError) as e:
+                raise TrainError(f"the checkpoint's optimizer state does not fit this run ({first_line(e)}); "
+                                 f"resume with the checkpoint's settings") from None
         iter_num, best_val_loss = ckpt["iter_num"], ckpt["best_val_loss"]
         if "train_generator" in ckpt:
             splits["train"].generator.set_state(ckpt["train_generator"])
@@ -908,18 +1013,18 @@ def main(argv):
               f"block_size {block_size}, {model.config.norm}, {model.config.positions} positions, {model.config.mlp}")
         print(model.describe())
         print(f"tokens per iteration: {tokens_per_iter:,} ({world} process(es) x {local_accum} micro-batches "
-              f"x {cfg['batch_size']} x {block_size}); device {device}, {dtype}")
+              f"x {cfg['batch_size']} x {block_size}); device {device}, {dtype}{', fsdp' if sharded else ''}")
         if task != "lm" or cfg["trainable"] != "all" or model.config.lora_rank:
             print(trainable_line)
     if device_type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     autocast = (torch.autocast(device_type=device_type, dtype=getattr(torch, dtype))
-                if dtype != "float32" else nullcontext())
+                if dtype != "float32" and not sharded else nullcontext())  # fsdp: its mixed-precision policy
     raw_model = model
-    if cfg["compile"]:
+    if cfg["compile"] and not sharded:  # fsdp compiled the blocks
         model = torch.compile(model)
-    if world > 1:
+    if world > 1 and not sharded:
         model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None)
 
     metrics_mode = "a" if cfg["init_from"] == "resume" else "w"  # a resumed run continues its log
@@ -950,11 +1055,14 @@ def main(argv):
             high = len(batches.data) - block_size
             starts = torch.randint(high, (cfg["eval_iters"], cfg["batch_size"]), generator=g).numpy()
             total = torch.zeros(2, device=device)
-            for k in range(rank, cfg["eval_iters"], world):
-                x, y = batches.get(starts[k])
+            # fsdp: every process runs as many forwards, each of which gathers the weights from all of them
+            n = -(-cfg["eval_iters"] // world) * world if sharded else cfg["eval_iters"]
+            for k in range(rank, n, world):
+                x, y = batches.get(starts[k % cfg["eval_iters"]])
                 with autocast:
                     _, loss = model(x, y)
-                total += torch.stack([loss.float(), torch.ones((), device=device)])
+                if k < cfg["eval_iters"]:
+                    total += torch.stack([loss.float(), torch.ones((), device=device)])
             if world > 1:
                 dist.all_reduce(total)
             out[split] = (total[0] / total[1]).item()
@@ -966,8 +1074,11 @@ def main(argv):
         loss_sum = torch.zeros((), device=device)
         for micro, starts in enumerate(micro_batches):
             batch = splits["train"].get(starts)  # (x, y); classify: (x, lengths, labels)
-            if world > 1:  # all-reduce gradients only after the last micro-batch
-                model.require_backward_grad_sync = micro == len(micro_batches) - 1
+            last = micro == len(micro_batches) - 1  # reduce gradients only after the last micro-batch
+            if sharded:
+                model.set_requires_gradient_sync(last)
+            elif world > 1:
+                model.require_backward_grad_sync = last
             with autocast:
                 if loss_fn is None:
                     _, loss = model(*batch, label_smoothing=cfg["label_smoothing"])
@@ -1005,23 +1116,26 @@ def main(argv):
                          f"learning_rate or raise warmup_iters, or set nan_policy=skip to drop such steps")
 
     def save(val_loss, evaluated=True, eval_loss=0.0):
-        """A checkpoint of everything a resume needs to continue exactly. Called on every process."""
-        # checked on every process (they hold the same weights), so all of them stop together
-        if not model_is_finite(raw_model):
+        """A checkpoint of everything a resume needs to continue exactly. Called on every process; returns
+        the saved weights on rank 0."""
+        if any_process(not model_is_finite(raw_model), world, device):  # all processes stop together
             raise TrainError(f"the model's weights are not finite at iteration {iter_num}; not saving over the "
                              f"checkpoint in {cfg['out_dir']}; lower learning_rate and resume or start again")
         if not math.isfinite(eval_loss):
             raise TrainError(f"the validation loss is {eval_loss} at iteration {iter_num}; not saving over the "
                              f"checkpoint in {cfg['out_dir']}; lower learning_rate and resume or start again")
-        rng = all_rng_states(world, device)
-        if not master:
-            return
-        save_checkpoint({"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
-                         "scaler": scaler.state_dict(), "model_config": asdict(raw_model.config), "config": cfg,
-                         "iter_num": iter_num, "best_val_loss": val_loss, "evaluated": evaluated,
-                         "dataset_dir": os.path.abspath(data_dir), "tokenizer": meta["tokenizer"],
-                         "train_generator": splits["train"].generator.get_state(), "rng": rng, "world_size": world},
-                        cfg["out_dir"], cfg["keep_checkpoints"])
+        state = {"scaler": scaler.state_dict(), "model_config": asdict(raw_model.config), "config": cfg,
+                 "iter_num": iter_num, "best_val_loss": val_loss, "evaluated": evaluated,
+                 "dataset_dir": os.path.abspath(data_dir), "tokenizer": meta["tokenizer"],
+                 "train_generator": splits["train"].generator.get_state(), "rng": all_rng_states(world, device),
+                 "world_size": world}
+        if sharded:
+            return save_sharded(raw_model, optimizer, state, cfg["out_dir"], cfg["keep_checkpoints"], master)
+        if master:
+            weights = raw_model.state_dict()
+            save_checkpoint({"model": weights, "optimizer": optimizer.state_dict(), **state}, cfg["out_dir"],
+                            cfg["keep_checkpoints"])
+            return weights
 
     loss_fn = task_loss_fn(raw_model, cfg, meta, task, device)
     if task != "lm":
@@ -1052,9 +1166,9 @@ def main(argv):
             if not cfg["eval_only"] and iter_num > start_iter and any_process(
                     losses["val"] < best_val_loss or cfg["always_save_checkpoint"], world, device):
                 best_val_loss = min(best_val_loss, losses["val"])
-                save(best_val_loss, eval_loss=losses["val"])
+                weights = save(best_val_loss, eval_loss=losses["val"])
                 if master:
-                    save_adapters(raw_model, cfg)
+                    save_adapters(raw_model, cfg, weights)
                     print(f"saved checkpoint to {cfg['out_dir']}")
             t_last, iters_since = time.time(), 0  # evaluation time is not training time
         if iter_num >= max_iters or cfg["eval_only"]:
@@ -1093,8 +1207,6 @@ def main(argv):
         metrics.close()
         if wandb_run is not None:
             wandb_run.finish()
-    if world > 1:
-        dist.destroy_process_group()
 
 
 def restore_run_state(ckpt, scaler, rank, world, device, master):
@@ -1139,9 +1251,11 @@ def cli(argv):
     except KeyboardInterrupt:  # a second Ctrl-C: saves are atomic, so the last checkpoint is whole
         print("interrupted; the last checkpoint in out_dir is whole", file=sys.stderr)
         return 130
-    finally:  # main may end by an error with its own handlers still installed
+    finally:  # main may end by an error with its own handlers still installed, or its process group
         for s, handler in handlers.items():
             signal.signal(s, handler)
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
     return 0
 
 
