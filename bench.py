@@ -141,6 +141,8 @@ def main(args, extra):
         raise BenchError(f"unknown suite {args.suite!r}; choose one of {', '.join(SUITES)}")
     if not args.suite and not extra:
         raise BenchError("give a config file (e.g. config/train_shakespeare_char_cpu.py) or --suite")
+    if args.steps < 1 or args.repeat < 1:
+        raise BenchError(f"--steps and --repeat must be >= 1, got {args.steps} and {args.repeat}")
     if args.suite == "speedrun" and args.target is None:
         args.target = 1.88
     rows = SUITES[args.suite] if args.suite else [(" ".join(extra), [])]

@@ -32,6 +32,7 @@ def test_bench_says_when_a_run_ends_above_the_target(workdir):
 
 def test_bench_bad_input_ends_with_one_line_and_a_nonzero_exit(workdir):
     for args, what in [(["--suite=nope"], "unknown suite"), ([], "give a config file"),
+                       ([*TINY_MODEL, "--steps=0"], "--steps and --repeat must be >= 1"),
                        ([*TINY_MODEL, "--n_layr=2"], "n_layr")]:
         proc = run_script("bench.py", *args, cwd=workdir, check=False)
         lines = proc.stderr.strip().splitlines()
