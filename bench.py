@@ -201,6 +201,9 @@ def cli(argv):
     except BenchError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # the runs got the Ctrl-C too, and their out_dirs are temporary
+        print("interrupted", file=sys.stderr)
+        return 130
     return 0
 
 
