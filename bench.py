@@ -33,6 +33,7 @@ NANOGPT_ITER = re.compile(r"^iter (\d+): loss [\d.naif]+, time ([\d.]+)ms")
 NANOGPT_CPU = ["config/train_shakespeare_char.py", "--device=cpu", "--compile=False", "--eval_iters=20",
                "--log_interval=1", "--block_size=64", "--batch_size=12", "--n_layer=4", "--n_head=4",
                "--n_embd=128", "--max_iters=2000", "--lr_decay_iters=2000", "--dropout=0.0"]
+NANOGPT_TOKENS_PER_ITER = 12 * 64  # its batch_size x block_size above
 CPU = "config/train_shakespeare_char_cpu.py"
 SPEEDRUN = "config/speedrun_shakespeare_char_cpu.py"
 MODERN = ["--positions=rope", "--norm=rmsnorm", "--mlp=relu2", "--qk_norm=True", "--zero_init_proj=True"]
@@ -103,11 +104,18 @@ def speed(argv, cwd, steps, nanogpt_row):
     if nanogpt_row:  # nanoGPT has no bench mode: time its per-iteration log lines, evaluations left out
         argv = [a for a in argv if not a.startswith("--max_iters")] + [f"--max_iters={steps + 10}"]
         lines, _ = run_lines(argv, cwd)
-        ms = [float(m[2]) for _, l in lines if (m := NANOGPT_ITER.match(l)) and int(m[1]) >= 10]
+        ms, after_eval = [], False
+        for _, line in lines:
+            if EVAL_LINE.match(line):  # it evaluates at the top of an iteration, so that iteration's time holds it
+                after_eval = True
+            elif m := NANOGPT_ITER.match(line):
+                if int(m[1]) >= 10 and not after_eval:  # the first iterations warm up
+                    ms.append(float(m[2]))
+                after_eval = False
         if not ms:
             raise BenchError(f"no iteration lines in nanoGPT's output: {lines[-1][1] if lines else ''}")
         dt = statistics.mean(ms)
-        return {"train ms/iter": f"{dt:.2f}", "train tokens/s": f"{12 * 64 * 1000 / dt:,.0f}"}
+        return {"train ms/iter": f"{dt:.2f}", "train tokens/s": f"{NANOGPT_TOKENS_PER_ITER * 1000 / dt:,.0f}"}
     lines, _ = run_lines(argv + [f"--bench={steps}"], cwd)
     figures = {}
     for _, line in lines:
@@ -126,9 +134,8 @@ def to_target(argv, cwd, target):
     evals = [(t, int(m[1]), float(m[3])) for t, l in lines if (m := EVAL_LINE.match(l))]
     if not evals:
         raise BenchError(f"{' '.join(argv)} printed no evaluation")
-    t, step, val = evals[-1]
-    hit = val <= target
-    return {"time to target": f"{t:.1f} s" if hit else f"not reached ({wall:.1f} s in all)",
+    t, step, val = evals[-1]  # the run stops at the first evaluation that reaches the target
+    return {"time to target": f"{t:.1f} s" if val <= target else f"not reached ({wall:.1f} s in all)",
             "iteration": str(step), "val loss": f"{val:.3f}"}
 
 
@@ -173,7 +180,7 @@ def main(args, extra):
 
 def median_run(runs, key):
     """The run whose key figure is the median of the repeats (a run that missed the target counts as slowest)."""
-    ranked = sorted(runs, key=lambda f: number(f[key]) if f.get(key, "n").split()[0] != "not" else float("inf"))
+    ranked = sorted(runs, key=lambda f: float("inf") if f[key].startswith("not") else number(f[key]))
     return ranked[(len(ranked) - 1) // 2]
 
 
