@@ -446,6 +446,11 @@ def load_checkpoint(path):
     return ckpt
 
 
+def first_line(e):
+    """An exception's message cut to its first line (or its type's name), for a one-line error."""
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+
+
 def save_checkpoint(ckpt, out_dir, keep=0):
     """Write to a temporary file, flush to disk, then rename: a crash leaves the old or the new file."""
     path = os.path.join(out_dir, "ckpt.pt")
@@ -461,7 +466,7 @@ def save_checkpoint(ckpt, out_dir, keep=0):
         os.replace(tmp, path)
     except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError
         remove_quietly(tmp)
-        why = e.strerror if isinstance(e, OSError) and e.strerror else str(e).strip().splitlines()[0]
+        why = e.strerror if isinstance(e, OSError) and e.strerror else first_line(e)
         kept = (f"the previous checkpoint {path} is intact" if os.path.isfile(path)
                 else "no earlier checkpoint exists")
         raise TrainError(f"could not write checkpoint {path} ({why}); {kept}; free disk space (or fix out_dir), "
@@ -473,11 +478,6 @@ def save_checkpoint(ckpt, out_dir, keep=0):
         print(f"warning: could not write ckpt.json beside {path} ({e.strerror})", file=sys.stderr)
     if keep > 0:
         keep_recent(path, ckpt["iter_num"], keep)
-
-
-def first_line(e):
-    """An exception's message cut to its first line (or its type's name), for a one-line error."""
-    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
 
 
 def remove_quietly(path):
@@ -569,8 +569,9 @@ def save_sharded(model, optimizer, state, out_dir, keep, master):
     fsync_dir(out_dir)
     save_checkpoint({"model": weights, **state, "sharded": name}, out_dir, keep)
     # the folders that ckpt.pt and the kept ckpt-ITER.pt name stay; the rest are old or unfinished saves
-    named = {name} | {n[:-3] + ".dcp" for n in os.listdir(out_dir) if n.startswith("ckpt-") and n.endswith(".pt")}
-    for n in os.listdir(out_dir):
+    names = os.listdir(out_dir)
+    named = {name} | {n[:-3] + ".dcp" for n in names if n.startswith("ckpt-") and n.endswith(".pt")}
+    for n in names:
         if n.startswith("ckpt-") and n.endswith((".dcp", ".dcp.tmp")) and n not in named:
             shutil.rmtree(os.path.join(out_dir, n), ignore_errors=True)
     return weights
