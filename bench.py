@@ -14,7 +14,6 @@ nanoGPT's README CPU recipe from a clone at PATH, in the same way and in the sam
 the two are measured side by side. Anything else on the command line goes to train.py. Nothing is
 written outside the temporary directories.
 """
-import argparse
 import os
 import re
 import statistics
@@ -23,7 +22,7 @@ import sys
 import tempfile
 import time
 
-from configurator import DefaultsHelpFormatter
+from common import ArgumentParser, UserError, run_cli
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 EVAL_LINE = re.compile(r"^step (\d+): train loss ([\d.]+), val loss ([\d.]+)")  # train.py's and nanoGPT's
@@ -62,10 +61,6 @@ SUITES = {
 }
 
 
-class BenchError(RuntimeError):
-    """Bad input or a failed run; printed as one line."""
-
-
 def run_lines(cmd, cwd, until=None):
     """Run cmd; returns [(seconds since start, line)] of its output and the total wall time.
     until(line) True stops the run there (a time-to-target run need not finish)."""
@@ -85,7 +80,7 @@ def run_lines(cmd, cwd, until=None):
     wall = time.perf_counter() - t0
     if rc and not stopped:
         last = next((l for _, l in reversed(lines) if l.strip()), "no output")
-        raise BenchError(f"{' '.join(cmd)} exited with {rc}: {last}")
+        raise UserError(f"{' '.join(cmd)} exited with {rc}: {last}")
     return lines, wall
 
 
@@ -93,7 +88,7 @@ def command(row, nanogpt, out_dir, extra):
     """(argv, cwd) of a row: train.py here, or nanoGPT's train.py in its clone."""
     if row == "nanogpt":
         if not os.path.isfile(os.path.join(nanogpt, "data", "shakespeare_char", "train.bin")):
-            raise BenchError(f"{nanogpt}/data/shakespeare_char/train.bin is missing; run "
+            raise UserError(f"{nanogpt}/data/shakespeare_char/train.bin is missing; run "
                              f"python data/shakespeare_char/prepare.py in {nanogpt} first")
         return [sys.executable, "train.py", *NANOGPT_CPU, f"--out_dir={out_dir}"], nanogpt
     return [sys.executable, os.path.join(HERE, "train.py"), *row, *extra, f"--out_dir={out_dir}"], os.getcwd()
@@ -113,14 +108,15 @@ def speed(argv, cwd, steps, nanogpt_row):
                     ms.append(float(m[2]))
                 after_eval = False
         if not ms:
-            raise BenchError(f"no iteration lines in nanoGPT's output: {lines[-1][1] if lines else ''}")
+            raise UserError(f"no iteration lines in nanoGPT's output: {lines[-1][1] if lines else ''}")
         dt = statistics.mean(ms)
         return {"train ms/iter": f"{dt:.2f}", "train tokens/s": f"{NANOGPT_TOKENS_PER_ITER * 1000 / dt:,.0f}"}
     lines, _ = run_lines(argv + [f"--bench={steps}"], cwd)
     figures = {}
     for _, line in lines:
         name, sep, value = line.partition(": ")
-        if sep and name in ("train ms/iter", "train tokens/s", "train mfu", "peak memory", "sample tokens/s"):
+        if sep and name in ("train ms/iter", "train tokens/s", "train mfu", "peak memory", "page faults per step",
+                            "sample tokens/s"):
             figures[name] = value.split(" (")[0]  # the figure, without its explanation
     return figures
 
@@ -133,7 +129,7 @@ def to_target(argv, cwd, target):
     lines, wall = run_lines(argv, cwd, until=reached)
     evals = [(t, int(m[1]), float(m[3])) for t, l in lines if (m := EVAL_LINE.match(l))]
     if not evals:
-        raise BenchError(f"{' '.join(argv)} printed no evaluation")
+        raise UserError(f"{' '.join(argv)} printed no evaluation")
     t, step, val = evals[-1]  # the run stops at the first evaluation that reaches the target
     return {"time to target": f"{t:.1f} s" if val <= target else f"not reached ({wall:.1f} s in all)",
             "iteration": str(step), "val loss": f"{val:.3f}"}
@@ -143,13 +139,13 @@ def number(text):
     return float(text.replace(",", "").split()[0])
 
 
-def main(args, extra):
+def run_suite(args, extra):
     if args.suite and args.suite not in SUITES:
-        raise BenchError(f"unknown suite {args.suite!r}; choose one of {', '.join(SUITES)}")
+        raise UserError(f"unknown suite {args.suite!r}; choose one of {', '.join(SUITES)}")
     if not args.suite and not extra:
-        raise BenchError("give a config file (e.g. config/train_shakespeare_char_cpu.py) or --suite")
+        raise UserError("give a config file (e.g. config/train_shakespeare_char_cpu.py) or --suite")
     if args.steps < 1 or args.repeat < 1:
-        raise BenchError(f"--steps and --repeat must be >= 1, got {args.steps} and {args.repeat}")
+        raise UserError(f"--steps and --repeat must be >= 1, got {args.steps} and {args.repeat}")
     if args.suite == "speedrun" and args.target is None:
         args.target = 1.88
     rows = SUITES[args.suite] if args.suite else [(" ".join(extra), [])]
@@ -193,9 +189,9 @@ def print_table(table, repeat):
         print("| " + " | ".join([label] + [figures.get(n, "") for n in names]) + " |")
 
 
-def cli(argv):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(), formatter_class=DefaultsHelpFormatter,
-                                epilog="Any other arguments (config files, --key=value) go to train.py.")
+def main(argv):
+    p = ArgumentParser(prog="bench.py", description=__doc__.split("\n\n")[0].strip(),
+                       epilog="Any other arguments (config files, --key=value) go to train.py.")
     p.add_argument("--target", type=float, default=None, help="time a full run to this val loss instead "
                    "(the speedrun suite: 1.88)")
     p.add_argument("--steps", type=int, default=200, help="training steps timed per speed figure")
@@ -203,16 +199,9 @@ def cli(argv):
     p.add_argument("--nanogpt", default="", help="a nanoGPT clone to run its CPU recipe from, side by side")
     p.add_argument("--repeat", type=int, default=1, help="runs of each row")
     args, extra = p.parse_known_args(argv)
-    try:
-        main(args, extra)
-    except BenchError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:  # the runs got the Ctrl-C too, and their out_dirs are temporary
-        print("interrupted", file=sys.stderr)
-        return 130
-    return 0
+    run_suite(args, extra)
 
 
 if __name__ == "__main__":
-    sys.exit(cli(sys.argv[1:]))
+    # a Ctrl-C reaches the runs too, and their out_dirs are temporary
+    sys.exit(run_cli(main))

@@ -5,9 +5,8 @@ Settings for train.py and sample.py, from three places, later ones winning:
   3. the command line: --key=value (or --key value), parsed as a Python literal when it is one.
 
 Usage: python train.py [config/file.py ...] [--key=value ...]; --help lists every key.
-An unknown key or a value of the wrong type is a ConfigError naming the key.
+An unknown key or a value of the wrong type is a UserError naming the key.
 """
-import argparse
 import ast
 import difflib
 import inspect
@@ -16,9 +15,7 @@ import os
 import tokenize
 from dataclasses import MISSING, fields
 
-
-class ConfigError(ValueError):
-    """A bad setting; the message names the key and what to do."""
+from common import UserError
 
 
 def field_help(cls):
@@ -49,7 +46,7 @@ def defaults_of(*classes):
 
 
 def check_value(key, value, typ):
-    """The value converted to the key's type, or a ConfigError."""
+    """The value converted to the key's type, or a UserError."""
     if typ is bool:
         if isinstance(value, str) and value.lower() in ("true", "false"):
             return value.lower() == "true"
@@ -65,25 +62,25 @@ def check_value(key, value, typ):
         return value if isinstance(value, str) else str(value)
     else:
         return value
-    raise ConfigError(f"{key} must be {typ.__name__}, got {value!r} ({type(value).__name__})")
+    raise UserError(f"{key} must be {typ.__name__}, got {value!r} ({type(value).__name__})")
 
 
 def unknown_key(key, known):
     close = difflib.get_close_matches(key, known, n=1)
     hint = f" (did you mean {close[0]!r}?)" if close else "; see --help for the list"
-    return ConfigError(f"unknown config key {key!r}{hint}")
+    return UserError(f"unknown config key {key!r}{hint}")
 
 
 def read_config_file(path):
     """The keys a config file assigns: its top-level names that are plain values."""
     if not os.path.isfile(path):
-        raise ConfigError(f"config file {path} not found")
+        raise UserError(f"config file {path} not found")
     namespace = {}
     try:
         with open(path, encoding="utf-8") as f:
             exec(compile(f.read(), path, "exec"), namespace)
     except Exception as e:
-        raise ConfigError(f"config file {path} failed: {type(e).__name__}: {e}") from None
+        raise UserError(f"config file {path} failed: {type(e).__name__}: {e}") from None
     plain = (bool, int, float, str, type(None))
     return {k: v for k, v in namespace.items() if not k.startswith("_") and isinstance(v, plain)}
 
@@ -131,7 +128,7 @@ def parse_args(argv, classes, prog, description):
                 elif i + 1 < len(args):
                     i, text = i + 1, args[i + 1]
                 else:
-                    raise ConfigError(f"--{key} needs a value: --{key}=VALUE")
+                    raise UserError(f"--{key} needs a value: --{key}=VALUE")
             value = parse_literal(text)
             if key in defaults and defaults[key][1] is str:
                 value = text  # keep strings as typed, e.g. --init_from=0123
@@ -141,12 +138,3 @@ def parse_args(argv, classes, prog, description):
                 set_key(key, value)
         i += 1
     return config, explicit
-
-
-class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """argparse help for the scripts that use argparse: every option shows its default, once."""
-
-    def _get_help_string(self, action):
-        if "default" in (action.help or "") or action.default is argparse.SUPPRESS:
-            return action.help
-        return super()._get_help_string(action)

@@ -19,18 +19,16 @@ Weight layouts, theirs -> ours:
   "rotate half" pairing (i, i + d/2) that model.apply_rope uses, so q and k load unchanged.
 Config fields are mapped one by one; a field this file does not know is refused, not ignored.
 """
-import argparse
-import base64
 import json
 import os
 import sys
-from pathlib import Path
-
 from dataclasses import asdict
+from pathlib import Path
 
 import torch
 
-from configurator import ConfigError
+from checkpoint import load_checkpoint, save_checkpoint
+from common import ArgumentParser, UserError, run_cli
 from model import GPTConfig
 
 # Hub names accepted as init_from, and the repositories that hold OpenAI's weights
@@ -55,24 +53,19 @@ GPT2_ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh"
                     "gelu_fast": "gelu_tanh", "relu2": "relu2"}
 
 
-class HFError(ConfigError):
-    """A Hugging Face folder or checkpoint we cannot convert; the message says why and what to do.
-    A ConfigError (init_from is a setting), which train.py and sample.py already print as one line."""
-
-
 # ----------------------------------------------------------------------------------------------
 # config.json <-> GPTConfig fields
 
 def _check_fields(hf, known, where):
     unknown = sorted(set(hf) - known - HARMLESS)
     if unknown:
-        raise HFError(f"{where}: config field {unknown[0]!r} is not supported by hf.py (it may change the model); "
+        raise UserError(f"{where}: config field {unknown[0]!r} is not supported by hf.py (it may change the model); "
                       f"remove it from config.json if it does not")
 
 
 def _require(hf, key, where):
     if hf.get(key) is None:
-        raise HFError(f"{where}: config.json lacks {key!r}")
+        raise UserError(f"{where}: config.json lacks {key!r}")
     return hf[key]
 
 
@@ -85,7 +78,7 @@ def _rope_fields(hf, where):
     kind = params.pop("rope_type", params.pop("type", "default"))
     out = dict(rope_theta=float(theta), rope_scaling="")
     if params.pop("partial_rotary_factor", 1.0) != 1.0:
-        raise HFError(f"{where}: partial_rotary_factor other than 1 is not supported")
+        raise UserError(f"{where}: partial_rotary_factor other than 1 is not supported")
     if kind == "llama3":
         try:
             out.update(rope_scaling="llama3", rope_factor=float(params.pop("factor")),
@@ -93,11 +86,11 @@ def _rope_fields(hf, where):
                        rope_high_freq_factor=float(params.pop("high_freq_factor")),
                        rope_original_context=int(params.pop("original_max_position_embeddings")))
         except KeyError as e:
-            raise HFError(f"{where}: llama3 rope scaling lacks {e.args[0]!r}") from None
+            raise UserError(f"{where}: llama3 rope scaling lacks {e.args[0]!r}") from None
     elif kind != "default":
-        raise HFError(f"{where}: rope type {kind!r} is not supported (only default and llama3)")
+        raise UserError(f"{where}: rope type {kind!r} is not supported (only default and llama3)")
     if params:
-        raise HFError(f"{where}: rope field {sorted(params)[0]!r} is not supported")
+        raise UserError(f"{where}: rope field {sorted(params)[0]!r} is not supported")
     return out
 
 
@@ -111,11 +104,11 @@ def config_from_hf(hf, where="config.json"):
                                            "scale_attn_weights", "scale_attn_by_inverse_layer_idx"}, where)
         if not hf.get("scale_attn_weights", True) or hf.get("scale_attn_by_inverse_layer_idx", False) \
                 or hf.get("add_cross_attention", False) or hf.get("n_special", 0):
-            raise HFError(f"{where}: GPT-2 variants with scale_attn_weights=false, scale_attn_by_inverse_layer_idx, "
+            raise UserError(f"{where}: GPT-2 variants with scale_attn_weights=false, scale_attn_by_inverse_layer_idx, "
                           f"cross-attention or n_special tokens are not supported")
         act = hf.get("activation_function", "gelu_new")
         if act not in GPT2_ACTIVATIONS:
-            raise HFError(f"{where}: activation_function {act!r} is not supported "
+            raise UserError(f"{where}: activation_function {act!r} is not supported "
                           f"(one of {', '.join(GPT2_ACTIVATIONS)})")
         n_embd = _require(hf, "n_embd", where)
         return dict(vocab_size=_require(hf, "vocab_size", where), block_size=_require(hf, "n_positions", where),
@@ -130,9 +123,9 @@ def config_from_hf(hf, where="config.json"):
                                             "attention_bias", "mlp_bias", "rope_theta", "rope_scaling",
                                             "rope_parameters"}, where)
         if hf.get("hidden_act", "silu") != "silu":
-            raise HFError(f"{where}: hidden_act {hf['hidden_act']!r} is not supported (LLaMA uses silu)")
+            raise UserError(f"{where}: hidden_act {hf['hidden_act']!r} is not supported (LLaMA uses silu)")
         if bool(hf.get("attention_bias", False)) != bool(hf.get("mlp_bias", False)):
-            raise HFError(f"{where}: attention_bias and mlp_bias differ; our bias switch covers both")
+            raise UserError(f"{where}: attention_bias and mlp_bias differ; our bias switch covers both")
         n_head = _require(hf, "num_attention_heads", where)
         n_embd = _require(hf, "hidden_size", where)
         return dict(vocab_size=_require(hf, "vocab_size", where),
@@ -143,15 +136,15 @@ def config_from_hf(hf, where="config.json"):
                     bias=bool(hf.get("attention_bias", False)), norm="rmsnorm",
                     norm_eps=hf.get("rms_norm_eps", 1e-6), positions="rope",
                     tie_embeddings=hf.get("tie_word_embeddings", False), **_rope_fields(hf, where))
-    raise HFError(f"{where}: architecture {arch or mtype!r} is not supported; "
+    raise UserError(f"{where}: architecture {arch or mtype!r} is not supported; "
                   f"hf.py reads GPT2LMHeadModel and LlamaForCausalLM")
 
 
 def family(c):
     """'gpt2' or 'llama': the Hugging Face class that can hold config c (a dict of GPTConfig fields),
-    or an HFError naming what neither can express."""
+    or an UserError naming what neither can express."""
     def refuse(what):
-        return HFError(f"{what} cannot be written as a Hugging Face "
+        return UserError(f"{what} cannot be written as a Hugging Face "
                        f"{'LlamaForCausalLM' if c['positions'] == 'rope' else 'GPT2LMHeadModel'}")
     if c["qk_norm"]:
         raise refuse("qk_norm")
@@ -254,7 +247,7 @@ def state_dict_from_hf(c, tensors, where="weights"):
     for ours, theirs, how in layout(c):
         missing = [n for n in theirs if n not in tensors]
         if missing:
-            raise HFError(f"{where}: tensor {missing[0]!r} is missing")
+            raise UserError(f"{where}: tensor {missing[0]!r} is missing")
         parts = [tensors[n].float() for n in theirs]
         sd[ours] = parts[0].t().contiguous() if how == "T" else torch.cat(parts, 0) if how == "rows" else parts[0]
         used.update(theirs)
@@ -262,7 +255,7 @@ def state_dict_from_hf(c, tensors, where="weights"):
         sd["lm_head.weight"] = sd["transformer.wte.weight"]
     extra = sorted(set(tensors) - used)
     if extra:
-        raise HFError(f"{where}: tensor {extra[0]!r} has no place in a {fam} model of this config; "
+        raise UserError(f"{where}: tensor {extra[0]!r} has no place in a {fam} model of this config; "
                       f"the config and the weights disagree")
     return sd
 
@@ -305,12 +298,12 @@ def download(name):
     try:
         from huggingface_hub import snapshot_download
     except ImportError:
-        raise HFError(f"init_from={name} downloads from the Hugging Face Hub and needs huggingface_hub; "
+        raise UserError(f"init_from={name} downloads from the Hugging Face Hub and needs huggingface_hub; "
                       f"pip install transformers") from None
     try:
         return snapshot_download(HUB_MODELS[name], allow_patterns=["config.json", "model.safetensors"])
     except Exception as e:  # no network, no cache, a proxy: all end here
-        raise HFError(f"could not download {HUB_MODELS[name]} from the Hugging Face Hub ({type(e).__name__}); "
+        raise UserError(f"could not download {HUB_MODELS[name]} from the Hugging Face Hub ({type(e).__name__}); "
                       f"when offline, pass init_from=PATH of a local copy (config.json + model.safetensors)") from None
 
 
@@ -326,20 +319,20 @@ def read_tensors(path):
         try:
             return torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
         except Exception as e:
-            raise HFError(f"could not read {path / 'pytorch_model.bin'} ({type(e).__name__})") from None
+            raise UserError(f"could not read {path / 'pytorch_model.bin'} ({type(e).__name__})") from None
     else:
-        raise HFError(f"{path} has config.json but no model.safetensors (or shards with an index); "
+        raise UserError(f"{path} has config.json but no model.safetensors (or shards with an index); "
                       f"save the model with save_pretrained")
     try:
         from safetensors.torch import load_file
     except ImportError:
-        raise HFError("reading a Hugging Face folder needs the safetensors package; pip install safetensors") from None
+        raise UserError("reading a Hugging Face folder needs the safetensors package; pip install safetensors") from None
     tensors = {}
     for f in files:
         try:
             tensors.update(load_file(path / f))
         except Exception as e:
-            raise HFError(f"could not read {path / f} ({type(e).__name__}); it may be truncated") from None
+            raise UserError(f"could not read {path / f} ({type(e).__name__}); it may be truncated") from None
     return tensors
 
 
@@ -347,19 +340,37 @@ def read_config(path):
     try:
         return json.loads((Path(path) / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
-        raise HFError(f"could not read {Path(path) / 'config.json'} ({type(e).__name__})") from None
+        raise UserError(f"could not read {Path(path) / 'config.json'} ({type(e).__name__})") from None
+
+
+def special_ids(path):
+    """(bos id or None, [eos ids]) as the folder's generation_config.json or config.json names them."""
+    bos, eos = None, []
+    for name in ("config.json", "generation_config.json"):  # the generation config wins for generation
+        try:
+            data = json.loads((Path(path) / name).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        bos = data.get("bos_token_id", bos) if isinstance(data.get("bos_token_id"), int) else bos
+        ids = data.get("eos_token_id")
+        ids = [ids] if isinstance(ids, int) else ids
+        if isinstance(ids, list) and ids and all(isinstance(i, int) for i in ids):
+            eos = ids
+    return bos, eos
 
 
 def find_tokenizer(path, model_config):
-    """tokenizer meta for load_tokenizer: the folder's own tokenizer, else GPT-2's for GPT-2-sized vocabularies."""
+    """tokenizer meta for load_tokenizer: the folder's own tokenizer (with the bos and eos ids its config
+    names), else GPT-2's for GPT-2-sized vocabularies."""
     path = Path(path).resolve()
     for f in ("tokenizer.json", "tokenizer.model", "original/tokenizer.model"):
         if (path / f).is_file():
-            return {"kind": "hf", "file": str(path / f)}
+            bos, eos = special_ids(path)
+            return {"kind": "hf", "file": str(path / f), "bos": bos, "eos": eos}
     if model_config["positions"] == "learned" and model_config["vocab_size"] == 50257:
         return {"kind": "gpt2"}
-    raise HFError(f"{path} has no tokenizer.json or tokenizer.model; copy the model's tokenizer files "
-                  f"into it (tiktoken reads tokenizer.model and byte-level BPE tokenizer.json)")
+    raise UserError(f"{path} has no tokenizer.json or tokenizer.model; copy the model's tokenizer files "
+                    f"into it (tiktoken reads tokenizer.model and byte-level BPE tokenizer.json)")
 
 
 def load_hf_checkpoint(source, with_tokenizer=False):
@@ -371,15 +382,27 @@ def load_hf_checkpoint(source, with_tokenizer=False):
     try:
         config = asdict(GPTConfig(**fields))
     except (TypeError, ValueError) as e:  # shapes our model cannot take, e.g. an odd head_dim with rope
-        raise HFError(f"{where}: {e}") from None
+        raise UserError(f"{where}: {e}") from None
     return {"model": state_dict_from_hf(config, read_tensors(path), str(path)), "model_config": config,
             "tokenizer": find_tokenizer(path, config) if with_tokenizer else None, "dataset_dir": None}
 
 
+def load_source(init_from, out_dir=None, with_tokenizer=False):
+    """The checkpoint a script starts from: out_dir's ckpt.pt for init_from=resume, a Hugging Face folder
+    or GPT-2 Hub name, or a checkpoint of ours (a file, or the folder holding ckpt.pt)."""
+    if init_from == "resume":
+        return load_checkpoint(out_dir)
+    if is_hf_source(init_from):
+        return load_hf_checkpoint(init_from, with_tokenizer)
+    return load_checkpoint(init_from)
+
+
 def export(ckpt_path, out_dir):
     """Write checkpoint ckpt_path as a Hugging Face folder out_dir (config.json + model.safetensors)."""
-    from safetensors.torch import save_file
-    from train import load_checkpoint
+    try:
+        from safetensors.torch import save_file
+    except ImportError:
+        raise UserError("export writes safetensors: pip install safetensors") from None
     ckpt = load_checkpoint(ckpt_path)
     c = ckpt["model_config"]
     tok = ckpt.get("tokenizer") or {}
@@ -397,115 +420,10 @@ def export(ckpt_path, out_dir):
 
 
 # ----------------------------------------------------------------------------------------------
-# tokenizers of Hugging Face folders (tokenizer.py's kind "hf")
-
-# Llama 3's pre-split regex and special tokens (Meta's llama3 tokenizer.py)
-LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-                  r"|\s*[\r\n]+|\s+(?!\S)|\s+")
-LLAMA3_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>",
-                   "<|reserved_special_token_1|>", "<|finetune_right_pad_id|>", "<|step_id|>",
-                   "<|start_header_id|>", "<|end_header_id|>", "<|eom_id|>", "<|eot_id|>", "<|python_tag|>"]
-
-
-def _byte_decoder():
-    """GPT-2's byte-level alphabet inverted: the printable character standing for each byte -> the byte."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return {chr(c): b for b, c in zip(bs, cs)}
-
-
-def _from_tokenizer_json(path):
-    """(pattern, ranks, specials) of a byte-level BPE tokenizer.json, if tiktoken can reproduce it."""
-    from tokenizer import GPT2_PATTERN, TokenizerError
-    data = json.loads(Path(path).read_text(encoding="utf-8"))
-    model = data.get("model") or {}
-    if model.get("type") != "BPE" or model.get("byte_fallback") or data.get("normalizer") \
-            or model.get("continuing_subword_prefix") or model.get("end_of_word_suffix"):
-        raise TokenizerError(f"{path}: only byte-level BPE without a normalizer can be read through tiktoken")
-    pre = data.get("pre_tokenizer") or {}
-    steps = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
-    pattern = None
-    for step in steps:
-        if step.get("type") == "Split" and "Regex" in step.get("pattern", {}):
-            pattern = step["pattern"]["Regex"]
-        elif step.get("type") == "ByteLevel":
-            if step.get("add_prefix_space"):
-                raise TokenizerError(f"{path}: add_prefix_space is not supported")
-            if step.get("use_regex", True):
-                pattern = GPT2_PATTERN
-        else:
-            raise TokenizerError(f"{path}: pre-tokenizer {step.get('type')!r} is not supported")
-    if pattern is None:
-        raise TokenizerError(f"{path}: no byte-level pre-tokenizer found")
-    decode = _byte_decoder()
-    try:
-        ranks = {bytes(decode[ch] for ch in piece): i for piece, i in model["vocab"].items()}
-    except KeyError:
-        raise TokenizerError(f"{path}: the vocabulary is not byte-level (a piece uses a character outside "
-                             f"GPT-2's byte alphabet)") from None
-    merges = model.get("merges", [])
-    last = -1
-    for m in merges:  # tiktoken merges by rank: the merge order must be the id order
-        a, b = m.split(" ", 1) if isinstance(m, str) else m
-        rank = ranks.get(bytes(decode[ch] for ch in a + b))
-        if rank is None or rank < last:  # equal: two splits of one token (tokenizers converted from tiktoken)
-            raise TokenizerError(f"{path}: merges are not in the order of token ids; tiktoken cannot reproduce them")
-        last = rank
-    if any(bytes([b]) not in ranks for b in range(256)):
-        raise TokenizerError(f"{path}: the vocabulary lacks some of the 256 single bytes")
-    specials = {}
-    for t in data.get("added_tokens", []):  # special tokens are never produced from text (encode_ordinary)
-        ranks.pop(t["content"].encode("utf-8"), None)
-        specials[t["content"]] = t["id"]
-    return pattern, ranks, specials
-
-
-def _from_tiktoken_file(path):
-    """(pattern, ranks, specials) of Meta's tokenizer.model for Llama 3: base64 token and rank per line."""
-    from tokenizer import TokenizerError
-    ranks = {}
-    try:
-        for line in Path(path).read_text(encoding="utf-8").splitlines():
-            if line:
-                token, rank = line.split()
-                ranks[base64.b64decode(token)] = int(rank)
-    except (ValueError, UnicodeDecodeError):
-        raise TokenizerError(f"{path} is not a tiktoken BPE file (a SentencePiece model, as Llama 1 and 2 use, "
-                             f"is not supported); provide tokenizer.json") from None
-    n = len(ranks)
-    names = LLAMA3_SPECIALS + [f"<|reserved_special_token_{i}|>" for i in range(2, 256 - len(LLAMA3_SPECIALS) + 2)]
-    return LLAMA3_PATTERN, ranks, {name: n + i for i, name in enumerate(names[:256])}
-
-
-def hf_tokenizer(meta):
-    """A TiktokenTokenizer for a Hugging Face folder's tokenizer.json or tokenizer.model (meta["file"])."""
-    import tiktoken
-    from tokenizer import TiktokenTokenizer, TokenizerError
-    path = meta.get("file", "")
-    if not os.path.isfile(path):
-        raise TokenizerError(f"tokenizer file {path!r} not found; it was recorded when the model was imported")
-    pattern, ranks, specials = (_from_tokenizer_json if path.endswith(".json") else _from_tiktoken_file)(path)
-    enc = tiktoken.Encoding(name=f"hf-{Path(path).parent.name}", pat_str=pattern, mergeable_ranks=ranks,
-                            special_tokens=specials)
-    tok = TiktokenTokenizer(enc, "hf", {"file": path})
-    for start in ("<|begin_of_text|>", "<|endoftext|>"):  # sample.py starts an empty prompt with it
-        if start in specials:
-            tok.eot_token = specials[start]
-            break
-    return tok
-
-
-# ----------------------------------------------------------------------------------------------
 # command line
 
 def main(argv):
-    parser = argparse.ArgumentParser(prog="hf.py", description=__doc__.strip().splitlines()[0])
+    parser = ArgumentParser(prog="hf.py", description=__doc__.strip().splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     ex = sub.add_parser("export", help="write one of our checkpoints as a Hugging Face folder")
     ex.add_argument("--ckpt", required=True, help="ckpt.pt, or the out_dir holding it")
@@ -517,21 +435,14 @@ def main(argv):
     if args.command == "export":
         config = export(args.ckpt, args.out)
         print(f"wrote {config['architectures'][0]} to {args.out}")
-    else:
-        if not is_hf_source(args.src):
-            raise HFError(f"{args.src} is neither a folder with config.json nor one of {', '.join(HUB_MODELS)}")
-        from train import save_checkpoint
-        ckpt = load_hf_checkpoint(args.src, with_tokenizer=True)
-        os.makedirs(args.out, exist_ok=True)
-        save_checkpoint({**ckpt, "config": {}, "iter_num": 0, "best_val_loss": float("inf")}, args.out)
-        print(f"wrote {os.path.join(args.out, 'ckpt.pt')}")
+        return
+    if not is_hf_source(args.src):
+        raise UserError(f"{args.src} is neither a folder with config.json nor one of {', '.join(HUB_MODELS)}")
+    ckpt = load_hf_checkpoint(args.src, with_tokenizer=True)
+    os.makedirs(args.out, exist_ok=True)
+    save_checkpoint({**ckpt, "config": {}, "iter_num": 0, "best_val_loss": float("inf")}, args.out)
+    print(f"wrote {os.path.join(args.out, 'ckpt.pt')}")
 
 
 if __name__ == "__main__":
-    from tokenizer import TokenizerError
-    from train import TrainError
-    try:
-        main(sys.argv[1:])
-    except (ConfigError, TrainError, TokenizerError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    sys.exit(run_cli(main))

@@ -7,36 +7,31 @@ learning rate. Several runs share the axes, one colour each.
 
 Needs matplotlib (pip install matplotlib); nothing else in the repository does.
 """
-import argparse
 import json
 import os
 import sys
 
-from configurator import DefaultsHelpFormatter
-
-
-class PlotError(RuntimeError):
-    """Bad input; printed as one line."""
+from common import ArgumentParser, UserError, run_cli
 
 
 def read_run(out_dir):
     """The log lines (train loss, lr) and eval lines (train/val loss) of one run."""
     path = os.path.join(out_dir, "metrics.jsonl")
     if not os.path.isfile(path):
-        raise PlotError(f"no metrics.jsonl in {out_dir}; train.py writes it into its out_dir")
+        raise UserError(f"no metrics.jsonl in {out_dir}; train.py writes it into its out_dir")
     logs, evals = [], []
     with open(path, encoding="utf-8") as f:
         for n, line in enumerate(f, start=1):
             try:
                 record = json.loads(line)
             except json.JSONDecodeError:
-                raise PlotError(f"{path} line {n} is not JSON; is this a train.py metrics file?") from None
+                raise UserError(f"{path} line {n} is not JSON; is this a train.py metrics file?") from None
             if "val/loss" in record:
                 evals.append(record)
             elif "loss" in record:
                 logs.append(record)
     if not logs and not evals:
-        raise PlotError(f"{path} holds no loss records yet")
+        raise UserError(f"{path} holds no loss records yet")
     return logs, evals
 
 
@@ -46,7 +41,7 @@ def plot(runs, labels, out_path):
         matplotlib.use("Agg")  # files only, no screen needed
         import matplotlib.pyplot as plt
     except ImportError:
-        raise PlotError("plot.py needs matplotlib: pip install matplotlib") from None
+        raise UserError("plot.py needs matplotlib: pip install matplotlib") from None
     fig, (ax_it, ax_tok, ax_lr) = plt.subplots(1, 3, figsize=(16, 4.5))
     for (logs, evals), label, color in zip(runs, labels, plt.rcParams["axes.prop_cycle"].by_key()["color"] * 10):
         for ax, x in ((ax_it, "iter"), (ax_tok, "tokens")):
@@ -71,15 +66,14 @@ def plot(runs, labels, out_path):
 
 
 def main(argv):
-    p = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0],
-                                formatter_class=DefaultsHelpFormatter)
+    p = ArgumentParser(prog="plot.py", description=__doc__.strip().splitlines()[0])
     p.add_argument("out_dirs", nargs="+", help="run folders holding metrics.jsonl")
     p.add_argument("--labels", default="", help="comma-separated names for the runs (default: folder names)")
     p.add_argument("--out", default="", help="PNG to write (default: loss.png in the first run's folder)")
     args = p.parse_args(argv)
     labels = args.labels.split(",") if args.labels else [os.path.basename(os.path.normpath(d)) for d in args.out_dirs]
     if len(labels) != len(args.out_dirs):
-        raise PlotError(f"{len(labels)} labels for {len(args.out_dirs)} runs; give one label per run")
+        raise UserError(f"{len(labels)} labels for {len(args.out_dirs)} runs; give one label per run")
     runs = [read_run(d) for d in args.out_dirs]
     out_path = args.out or os.path.join(args.out_dirs[0], "loss.png")
     plot(runs, labels, out_path)
@@ -87,8 +81,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    try:
-        main(sys.argv[1:])
-    except PlotError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    sys.exit(run_cli(main))

@@ -20,7 +20,6 @@ round(1/val_fraction)-th to val (with fewer than 2*round(1/val_fraction) documen
 Large inputs are read in pieces, so memory stays bounded; pieces are encoded on --workers threads
 and written in order, so the same input gives the same bytes.
 """
-import argparse
 import codecs
 import importlib.util
 import itertools
@@ -30,8 +29,6 @@ import re
 import shutil
 import socket
 import sys
-
-from configurator import DefaultsHelpFormatter
 import time
 import urllib.request
 from collections import deque
@@ -39,9 +36,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from tasks import TaskError, prepare_task, tokenizer_of_dataset
-from tokenizer import (BPE_FILE, PATTERNS, CharTokenizer, TokenizerError, bpe_tokenizer, gpt2_tokenizer,
-                       load_tokenizer, save_bpe, train_bpe)
+from common import ArgumentParser, UserError, first_line, run_cli, token_dtype, write_meta
+from tasks import prepare_task
+from tokenizer import BPE_FILE, PATTERNS, CharTokenizer, bpe_tokenizer, dataset_tokenizer, gpt2_tokenizer, save_bpe, train_bpe
 
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 KNOWN = {  # name -> (tokenizer, canonical download address)
@@ -57,10 +54,6 @@ BPE_MAX_CHUNKS = 1_000_000  # distinct pre-split chunks a BPE trains on (~1 KB e
 MAX_CARRY = 16  # pieces of text without a safe place before one is cut anyway, to bound memory
 
 
-class PrepareError(RuntimeError):
-    """Bad input; printed as one line."""
-
-
 # -----------------------------------------------------------------------------------------------
 # reading text
 
@@ -74,7 +67,7 @@ def download(url, path):
     except OSError as e:
         if os.path.exists(tmp):
             os.remove(tmp)
-        raise PrepareError(f"could not download {url} ({getattr(e, 'reason', e)}); offline, pass a local copy "
+        raise UserError(f"could not download {url} ({getattr(e, 'reason', e)}); offline, pass a local copy "
                            f"with --input PATH") from None
     os.replace(tmp, path)
 
@@ -89,8 +82,8 @@ def list_files(path):
                            for name in names if name.endswith(ext))
             if files:
                 return files
-        raise PrepareError(f"no .txt or .jsonl files in folder {path}")
-    raise PrepareError(f"input {path} not found; pass a UTF-8 text file, a .jsonl file or a folder of them")
+        raise UserError(f"no .txt or .jsonl files in folder {path}")
+    raise UserError(f"input {path} not found; pass a UTF-8 text file, a .jsonl file or a folder of them")
 
 
 # Safe cuts: between a letter or digit and a following space or newline, or between a newline
@@ -128,7 +121,7 @@ def read_pieces(path, start=0, end=None):
             try:
                 text = carry + decoder.decode(raw, final=remaining == 0)
             except UnicodeDecodeError as e:
-                raise PrepareError(f"{path} is not UTF-8 text (bad byte near offset {offset + e.start}); "
+                raise UserError(f"{path} is not UTF-8 text (bad byte near offset {offset + e.start}); "
                                    f"convert it to UTF-8 first") from None
             offset += len(raw)
             held += len(raw)
@@ -184,10 +177,10 @@ def jsonl_documents(files, text_field):
                 try:
                     row = json.loads(line)
                 except ValueError as e:  # UnicodeDecodeError is a ValueError too
-                    raise PrepareError(f"{path} line {lineno} is not a JSON object in UTF-8 ({e})") from None
+                    raise UserError(f"{path} line {lineno} is not a JSON object in UTF-8 ({e})") from None
                 text = row.get(text_field) if isinstance(row, dict) else None
                 if not isinstance(text, str):
-                    raise PrepareError(f"{path} line {lineno} has no text field {text_field!r}; "
+                    raise UserError(f"{path} line {lineno} has no text field {text_field!r}; "
                                        f"name the field that holds the text with --text_field") from None
                 yield text
 
@@ -195,7 +188,7 @@ def jsonl_documents(files, text_field):
 def hf_documents(name, text_field):
     """The documents of a known Hugging Face dataset, streamed (never downloaded whole)."""
     if importlib.util.find_spec("datasets") is None:  # optional: only these corpora need it
-        raise PrepareError(f"{name} is streamed from the Hugging Face Hub with the datasets package: "
+        raise UserError(f"{name} is streamed from the Hugging Face Hub with the datasets package: "
                            f"pip install datasets")
     path, config = HF_DATASETS[name]
     if not hub_reachable():  # fail at once: offline, the datasets library retries for half a minute
@@ -213,7 +206,7 @@ def hf_documents(name, text_field):
         except Exception as e:
             raise hf_error(path, e) from None
         if not isinstance(row.get(text_field), str):
-            raise PrepareError(f"{path} has no text field {text_field!r}; name it with --text_field")
+            raise UserError(f"{path} has no text field {text_field!r}; name it with --text_field")
         yield row[text_field]
 
 
@@ -230,8 +223,8 @@ def hub_reachable():
 
 
 def hf_error(path, e):
-    reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-    return PrepareError(f"could not stream {path} from the Hugging Face Hub ({reason}); it needs the network; "
+    reason = first_line(e)[:200]
+    return UserError(f"could not stream {path} from the Hugging Face Hub ({reason}); it needs the network; "
                         f"offline, pass a local copy with --input PATH (.txt or .jsonl)")
 
 
@@ -277,7 +270,7 @@ def corpus(input_path, hf_name, text_field, val_fraction):
         return lambda: doc_items(hf_documents(hf_name, text_field)), None, counts
     files = list_files(input_path)
     if sum(os.path.getsize(f) for f in files) == 0:
-        raise PrepareError(f"input {input_path} is empty")
+        raise UserError(f"input {input_path} is empty")
     if files[0].endswith(".jsonl"):
         return lambda: doc_items(jsonl_documents(files, text_field)), None, counts
     plan = plan_documents(files, val_fraction)
@@ -350,7 +343,7 @@ def encode_char(tok, piece):
     missing = alphabet[np.minimum(ids, len(alphabet) - 1)] != codes
     if missing.any():  # only with a reused alphabet (--tokenizer_from)
         shown = ", ".join(repr(chr(c)) for c in np.unique(codes[missing])[:10])
-        raise PrepareError(f"characters not in the char-level vocabulary: {shown}; a reused char "
+        raise UserError(f"characters not in the char-level vocabulary: {shown}; a reused char "
                            f"tokenizer only encodes characters of the corpus it was built on")
     return ids
 
@@ -377,20 +370,6 @@ def train_bpe_tokenizer(items, vocab_size, pattern, max_bytes, total=None):
     print(f"trained a {bpe.n_vocab}-token BPE ({pattern} split) on {progress.done / 1e6:,.1f} MB "
           f"in {seconds:.1f} s")
     return bpe
-
-
-def tokenizer_from(data_dir):
-    """The tokenizer of an existing prepared dataset, and the path of its BPE file (None if not BPE)."""
-    path = os.path.join(data_dir, "meta.json")
-    try:
-        with open(path, encoding="utf-8") as f:
-            meta = json.load(f)["tokenizer"]
-    except OSError:
-        raise PrepareError(f"--tokenizer_from {data_dir}: no {path}; name a folder made by prepare.py") from None
-    except (ValueError, KeyError, TypeError):
-        raise PrepareError(f"{path} has no \"tokenizer\" entry; re-run prepare.py for {data_dir}") from None
-    tok = load_tokenizer(meta, data_dir)
-    return tok, os.path.join(data_dir, meta.get("file", BPE_FILE)) if tok.kind == "bpe" else None
 
 
 def id_encoder(tok):
@@ -463,40 +442,35 @@ def write_splits(items, tok, paths, dtype, workers, total=None):
     return counts, progress
 
 
-def prepare(input_path, tokenizer, out_dir, val_fraction=0.1, *, vocab_size=None, bpe_pattern="gpt4",
-            bpe_train_bytes=None, tokenizer_dir=None, text_field="text", workers=None, hf_name=None):
-    if not 0 < val_fraction < 1:
-        raise PrepareError(f"val_fraction must be between 0 and 1, got {val_fraction}")
-    if workers is None:
-        workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    items, total, counts_docs = corpus(input_path, hf_name, text_field, val_fraction)
-    bpe_source = None  # with a reused BPE: its tokenizer.json, copied beside the dataset
+def choose_tokenizer(tokenizer, tokenizer_dir, items, total, val_fraction, vocab_size, bpe_pattern, bpe_train_bytes):
+    """The tokenizer to encode with: an existing dataset's, a char alphabet read from the corpus, GPT-2's,
+    or a BPE trained on the train split."""
     if tokenizer_dir is not None:
-        tok, bpe_source = tokenizer_from(tokenizer_dir)
-    elif tokenizer == "char":
-        tok = char_alphabet(items(), total)
-    elif tokenizer == "gpt2":
-        tok = gpt2_tokenizer()
-    elif tokenizer == "bpe":
+        return dataset_tokenizer(tokenizer_dir)
+    if tokenizer == "char":
+        return char_alphabet(items(), total)
+    if tokenizer == "gpt2":
+        return gpt2_tokenizer()
+    if tokenizer == "bpe":
         train_total = total and int(total * (1 - val_fraction))  # about the train split's size
-        bpe = train_bpe_tokenizer(items(), vocab_size or 4096, bpe_pattern, bpe_train_bytes, train_total)
-        tok = bpe_tokenizer(bpe)
-    else:
-        raise PrepareError(f"unknown tokenizer {tokenizer!r}; use char, gpt2 or bpe")
-    dtype = np.uint16 if tok.vocab_size <= 1 << 16 else np.uint32
+        return bpe_tokenizer(train_bpe_tokenizer(items(), vocab_size or 4096, bpe_pattern, bpe_train_bytes, train_total))
+    raise UserError(f"unknown tokenizer {tokenizer!r}; use char, gpt2 or bpe")
+
+
+def write_dataset(out_dir, items, tok, dtype, workers, total):
+    """train.bin, val.bin (and a BPE's tokenizer.json), each written beside the old files and renamed into
+    place once all are done; on any failure nothing is left behind. Returns the token counts and progress."""
     created = not os.path.isdir(out_dir)
     os.makedirs(out_dir, exist_ok=True)
     tmp = {name: os.path.join(out_dir, name + ".tmp") for name in ("train.bin", "val.bin", BPE_FILE)}
-    try:  # everything is written beside the old files and renamed into place when all is done
-        if bpe_source is not None:
-            shutil.copyfile(bpe_source, tmp[BPE_FILE])
-        elif tokenizer == "bpe" and tokenizer_dir is None:
-            save_bpe(tmp[BPE_FILE], bpe)
+    try:
+        if tok.kind == "bpe":
+            save_bpe(tmp[BPE_FILE], tok.bpe)
         counts, progress = write_splits(items(), tok, {"train": tmp["train.bin"], "val": tmp["val.bin"]},
                                         dtype, workers, total)
         for split in ("train", "val"):
             if counts[split] == 0:
-                raise PrepareError(f"the {split} split is empty; use a larger input or another val_fraction")
+                raise UserError(f"the {split} split is empty; use a larger input or another val_fraction")
     except BaseException:
         for path in tmp.values():
             if os.path.exists(path):
@@ -504,17 +478,31 @@ def prepare(input_path, tokenizer, out_dir, val_fraction=0.1, *, vocab_size=None
         if created and not os.listdir(out_dir):
             os.rmdir(out_dir)
         raise
+    if tok.kind == "bpe":
+        os.replace(tmp[BPE_FILE], os.path.join(out_dir, BPE_FILE))
+    for split in ("train", "val"):
+        os.replace(tmp[f"{split}.bin"], os.path.join(out_dir, f"{split}.bin"))
+    return counts, progress
+
+
+def prepare(input_path, tokenizer, out_dir, val_fraction=0.1, *, vocab_size=None, bpe_pattern="gpt4",
+            bpe_train_bytes=None, tokenizer_dir=None, text_field="text", workers=None, hf_name=None):
+    """Encode a corpus into out_dir (see the module docstring); returns its meta.json."""
+    if not 0 < val_fraction < 1:
+        raise UserError(f"val_fraction must be between 0 and 1, got {val_fraction}")
+    if workers is None:
+        workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    items, total, counts_docs = corpus(input_path, hf_name, text_field, val_fraction)
+    tok = choose_tokenizer(tokenizer, tokenizer_dir, items, total, val_fraction, vocab_size, bpe_pattern,
+                           bpe_train_bytes)
+    dtype = token_dtype(tok.vocab_size)
+    counts, progress = write_dataset(out_dir, items, tok, dtype, workers, total)
     meta = {"tokenizer": tok.meta(), "vocab_size": tok.vocab_size, "dtype": np.dtype(dtype).name,
             "train_tokens": counts["train"], "val_tokens": counts["val"], "val_fraction": val_fraction,
             "documents": counts_docs["documents"]}
     if tok.kind == "bpe":
         meta["tokenizer"] = {"kind": "bpe", "file": BPE_FILE}
-        os.replace(tmp[BPE_FILE], os.path.join(out_dir, BPE_FILE))
-    for split in ("train", "val"):
-        os.replace(tmp[f"{split}.bin"], os.path.join(out_dir, f"{split}.bin"))
-    with open(os.path.join(out_dir, "meta.json.tmp"), "w", encoding="utf-8") as f:
-        json.dump(meta, f, indent=1, ensure_ascii=False)
-    os.replace(os.path.join(out_dir, "meta.json.tmp"), os.path.join(out_dir, "meta.json"))
+    write_meta(out_dir, meta)  # last: a folder with meta.json is a whole dataset
     seconds = time.perf_counter() - progress.start
     print(f"{out_dir}: {counts['train']:,} train and {counts['val']:,} val tokens, "
           f"vocab {tok.vocab_size:,} ({tok.kind}), {meta['dtype']}; encoded {progress.done / 1e6:,.1f} MB "
@@ -522,9 +510,8 @@ def prepare(input_path, tokenizer, out_dir, val_fraction=0.1, *, vocab_size=None
     return meta
 
 
-def main(argv):
-    p = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0],
-                                formatter_class=DefaultsHelpFormatter)
+def parser():
+    p = ArgumentParser(prog="prepare.py", description=__doc__.strip().splitlines()[0])
     p.add_argument("name", nargs="?", help=f"a known corpus: {', '.join([*KNOWN, *HF_DATASETS])}")
     p.add_argument("--input", help="a UTF-8 .txt file, a .jsonl file (one document a line) or a folder of "
                                    "either (for a known corpus: its local copy)")
@@ -552,56 +539,66 @@ def main(argv):
                    "per example (0: all)")
     p.add_argument("--positive", help="classify: the positive class for precision/recall/F1 (default: the rarer)")
     p.add_argument("--seed", type=int, default=1337, help="classify/instruct: seed of the split")
-    args = p.parse_args(argv)
+    return p
+
+
+def check_args(args):
+    """The tokenizer asked for (by name or the known corpus's), after refusing options that do not fit."""
     if args.name is None and args.input is None:
-        p.error("name a known corpus or pass --input PATH")
+        raise UserError("name a known corpus or pass --input PATH")
     if args.name is not None and args.name not in KNOWN and args.name not in HF_DATASETS:
-        raise PrepareError(f"unknown corpus {args.name!r}; known: {', '.join([*KNOWN, *HF_DATASETS])}; "
-                           f"for your own text use --input PATH --out data/NAME")
+        raise UserError(f"unknown corpus {args.name!r}; known: {', '.join([*KNOWN, *HF_DATASETS])}; "
+                        f"for your own text use --input PATH --out data/NAME")
     if args.tokenizer_from is not None and args.tokenizer is not None:
-        raise PrepareError("pass either --tokenizer or --tokenizer_from, not both")
+        raise UserError("pass either --tokenizer or --tokenizer_from, not both")
     tokenizer = args.tokenizer or (KNOWN[args.name][0] if args.name in KNOWN else "gpt2" if args.name else "char")
     if tokenizer != "bpe" or args.tokenizer_from:
         given = [f"--{k}" for k in ("vocab_size", "bpe_train_bytes") if getattr(args, k) is not None]
         if given:
-            raise PrepareError(f"{' and '.join(given)} only apply to --tokenizer bpe")
+            raise UserError(f"{' and '.join(given)} only apply to --tokenizer bpe")
     if args.vocab_size is not None and args.vocab_size < 257:
-        raise PrepareError(f"--vocab_size must be at least 257 (256 bytes and <|endoftext|>), got {args.vocab_size}")
+        raise UserError(f"--vocab_size must be at least 257 (256 bytes and <|endoftext|>), got {args.vocab_size}")
     if args.bpe_train_bytes is not None and args.bpe_train_bytes <= 0:
-        raise PrepareError(f"--bpe_train_bytes must be positive, got {args.bpe_train_bytes}")
+        raise UserError(f"--bpe_train_bytes must be positive, got {args.bpe_train_bytes}")
     if args.workers is not None and args.workers < 1:
-        raise PrepareError(f"--workers must be at least 1, got {args.workers}")
+        raise UserError(f"--workers must be at least 1, got {args.workers}")
+    if args.task != "lm" and args.input is None:
+        raise UserError(f"--task {args.task} needs --input PATH")
+    return tokenizer
+
+
+def known_corpus_copy(name, input_path, out_dir):
+    """A known corpus lives in its folder: downloaded once, or copied there from --input."""
+    corpus_copy = os.path.join(out_dir, "input.txt")
+    if input_path is not None and os.path.isfile(input_path) and not (
+            os.path.exists(corpus_copy) and os.path.samefile(input_path, corpus_copy)):
+        os.makedirs(out_dir, exist_ok=True)
+        shutil.copyfile(input_path, corpus_copy)
+    elif input_path is None and not os.path.exists(corpus_copy):
+        os.makedirs(out_dir, exist_ok=True)
+        download(KNOWN[name][1], corpus_copy)
+    return corpus_copy
+
+
+def main(argv):
+    args = parser().parse_args(argv)
+    tokenizer = check_args(args)
+    out_dir = args.out or os.path.join("data", args.name or os.path.splitext(os.path.basename(
+        os.path.normpath(args.input)))[0])
     if args.task != "lm":
-        if args.input is None:
-            raise PrepareError(f"--task {args.task} needs --input PATH")
-        out_dir = args.out or os.path.join("data", os.path.splitext(os.path.basename(os.path.normpath(args.input)))[0])
-        tok = tokenizer_of_dataset(args.tokenizer_from) if args.tokenizer_from else None
+        tok = dataset_tokenizer(args.tokenizer_from) if args.tokenizer_from else None
         prepare_task(args.task, args.input, tokenizer, out_dir, args.val_fraction, args.test_fraction,
                      args.max_length, args.vocab_size or 4096, args.positive, args.seed, tok=tok)
         return
-    out_dir = args.out or os.path.join("data", args.name or os.path.splitext(os.path.basename(
-        os.path.normpath(args.input)))[0])
     input_path, hf_name = args.input, None
     if input_path is None and args.name in HF_DATASETS:
         hf_name = args.name
-    elif args.name in KNOWN:  # a known corpus lives in its folder: downloaded once, or copied from --input
-        corpus_copy = os.path.join(out_dir, "input.txt")
-        if input_path is not None and os.path.isfile(input_path) and not (
-                os.path.exists(corpus_copy) and os.path.samefile(input_path, corpus_copy)):
-            os.makedirs(out_dir, exist_ok=True)
-            shutil.copyfile(input_path, corpus_copy)
-        elif input_path is None and not os.path.exists(corpus_copy):
-            os.makedirs(out_dir, exist_ok=True)
-            download(KNOWN[args.name][1], corpus_copy)
-        input_path = corpus_copy
+    elif args.name in KNOWN:
+        input_path = known_corpus_copy(args.name, input_path, out_dir)
     prepare(input_path, tokenizer, out_dir, args.val_fraction, vocab_size=args.vocab_size,
             bpe_pattern=args.bpe_pattern, bpe_train_bytes=args.bpe_train_bytes and int(args.bpe_train_bytes),
             tokenizer_dir=args.tokenizer_from, text_field=args.text_field, workers=args.workers, hf_name=hf_name)
 
 
 if __name__ == "__main__":
-    try:
-        main(sys.argv[1:])
-    except (PrepareError, TokenizerError, TaskError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    sys.exit(run_cli(main))

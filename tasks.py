@@ -36,13 +36,12 @@ import random
 import numpy as np
 import torch
 
+from common import UserError, token_dtype, write_meta
+from decoding import generate_batch
+
 INSTRUCT_HEAD = ("Below is an instruction that describes a task. "
                  "Write a response that appropriately completes the request.")
 RESPONSE_MARK = "### Response:\n"
-
-
-class TaskError(ValueError):
-    """Bad task data or settings; printed as one line."""
 
 
 # -----------------------------------------------------------------------------------------------
@@ -63,7 +62,7 @@ def read_labelled(path, label_col=0, text_col=1):
     """[(label, text)] from a TSV (default) or a .csv file. The first row is a header when its
     label occurs nowhere else in the label column (e.g. "Label\\tSMS")."""
     if not os.path.isfile(path):
-        raise TaskError(f"input {path} not found; pass a TSV or CSV file of label and text")
+        raise UserError(f"input {path} not found; pass a TSV or CSV file of label and text")
     delimiter = "," if path.lower().endswith(".csv") else "\t"
     try:
         with open(path, encoding="utf-8", newline="") as f:
@@ -71,40 +70,40 @@ def read_labelled(path, label_col=0, text_col=1):
             rows = list(csv.reader(f, delimiter=delimiter, quoting=csv.QUOTE_MINIMAL if delimiter == ","
                                    else csv.QUOTE_NONE))
     except UnicodeDecodeError:
-        raise TaskError(f"{path} is not UTF-8 text") from None
+        raise UserError(f"{path} is not UTF-8 text") from None
     rows = [r for r in rows if r and any(c.strip() for c in r)]
     need = max(label_col, text_col) + 1
     for i, r in enumerate(rows):
         if len(r) < need:
-            raise TaskError(f"{path} line {i + 1} has {len(r)} field(s), need {need} (label and text "
+            raise UserError(f"{path} line {i + 1} has {len(r)} field(s), need {need} (label and text "
                             f"separated by {'a comma' if delimiter == ',' else 'a tab'})")
     pairs = [(r[label_col].strip(), r[text_col] if len(r) == need else delimiter.join(r[text_col:]))
              for r in rows]
     if pairs and sum(1 for lab, _ in pairs if lab == pairs[0][0]) == 1:
         pairs = pairs[1:]  # a header
     if not pairs:
-        raise TaskError(f"{path} holds no labelled rows")
+        raise UserError(f"{path} holds no labelled rows")
     return pairs
 
 
 def read_alpaca(path):
     """[(instruction, input, output)] from an Alpaca-style JSON list."""
     if not os.path.isfile(path):
-        raise TaskError(f"input {path} not found; pass an Alpaca-style JSON file")
+        raise UserError(f"input {path} not found; pass an Alpaca-style JSON file")
     try:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
     except (ValueError, UnicodeDecodeError) as e:
-        raise TaskError(f"{path} is not valid JSON ({type(e).__name__})") from None
+        raise UserError(f"{path} is not valid JSON ({type(e).__name__})") from None
     if not isinstance(data, list) or not data:
-        raise TaskError(f"{path} must hold a non-empty JSON list of records")
+        raise UserError(f"{path} must hold a non-empty JSON list of records")
     records = []
     for i, r in enumerate(data):
         if not isinstance(r, dict) or not isinstance(r.get("instruction"), str) or not isinstance(r.get("output"), str):
-            raise TaskError(f"{path} record {i} needs string fields \"instruction\" and \"output\"")
+            raise UserError(f"{path} record {i} needs string fields \"instruction\" and \"output\"")
         inp = r.get("input") or ""
         if not isinstance(inp, str):
-            raise TaskError(f"{path} record {i}: \"input\" must be a string")
+            raise UserError(f"{path} record {i}: \"input\" must be a string")
         records.append((r["instruction"], inp, r["output"]))
     return records
 
@@ -115,7 +114,7 @@ def read_alpaca(path):
 def split_indices(n, val_fraction, test_fraction, seed, groups=None):
     """{"train", "val", "test": sorted indices}; with groups (a label per item), stratified."""
     if not (0 < val_fraction and 0 < test_fraction and val_fraction + test_fraction < 1):
-        raise TaskError(f"val_fraction and test_fraction must be > 0 and sum to < 1, "
+        raise UserError(f"val_fraction and test_fraction must be > 0 and sum to < 1, "
                         f"got {val_fraction} and {test_fraction}")
     rng = random.Random(seed)
     keys = groups if groups is not None else [0] * n
@@ -129,7 +128,7 @@ def split_indices(n, val_fraction, test_fraction, seed, groups=None):
         out["train"] += idx[n_test + n_val:]
     for split, idx in out.items():
         if not idx:
-            raise TaskError(f"the {split} split is empty; use more data or larger fractions")
+            raise UserError(f"the {split} split is empty; use more data or larger fractions")
     return {k: sorted(v) for k, v in out.items()}
 
 
@@ -152,7 +151,7 @@ def read_examples(data_dir, split, dtype):
     path = os.path.join(data_dir, f"{split}.bin")
     index = os.path.join(data_dir, f"{split}.index.npz")
     if not (os.path.isfile(path) and os.path.isfile(index)):
-        raise TaskError(f"{path} or its index is missing; re-run prepare.py for this dataset")
+        raise UserError(f"{path} or its index is missing; re-run prepare.py for this dataset")
     with np.load(index, allow_pickle=False) as z:
         arrays = {k: z[k] for k in z.files}
     tokens = np.memmap(path, dtype=dtype, mode="r") if os.path.getsize(path) else np.zeros(0, dtype)
@@ -168,102 +167,89 @@ def make_tokenizer(kind, texts, vocab_size):
     if kind == "gpt2":
         return gpt2_tokenizer()
     if kind == "bpe":
-        bpe = train_bpe(texts, vocab_size)
-        tok = bpe_tokenizer(bpe)
-        tok.source_bpe = bpe  # kept so that save_tokenizer_file can write it next to the data
-        return tok
-    raise TaskError(f"unknown tokenizer {kind!r}; use char, gpt2 or bpe")
+        return bpe_tokenizer(train_bpe(texts, vocab_size))
+    raise UserError(f"unknown tokenizer {kind!r}; use char, gpt2 or bpe")
 
 
-def tokenizer_of_dataset(data_dir):
-    """The tokenizer of an existing dataset folder (to prepare more data the same way)."""
-    from tokenizer import load_bpe, load_tokenizer
-    meta_path = os.path.join(data_dir, "meta.json")
-    if not os.path.isfile(meta_path):
-        raise TaskError(f"no dataset at {data_dir} (no meta.json) to take the tokenizer from")
-    with open(meta_path, encoding="utf-8") as f:
-        meta = json.load(f)["tokenizer"]
-    tok = load_tokenizer(meta, data_dir)
-    if tok.kind == "bpe":
-        tok.source_bpe = load_bpe(os.path.join(data_dir, meta["file"]))
-    return tok
-
-
-def save_tokenizer_file(tok, out_dir):
-    """A trained BPE goes into the dataset folder as tokenizer.json (char and gpt2 live in meta.json)."""
-    from tokenizer import BPE_FILE, save_bpe
-    if tok.kind == "bpe":
-        save_bpe(os.path.join(out_dir, tok.meta().get("file", BPE_FILE)), tok.source_bpe)
-
-
-def prepare_task(task, input_path, tokenizer, out_dir, val_fraction=0.1, test_fraction=0.2, max_length=0,
-                 vocab_size=2048, positive=None, seed=1337, tok=None):
-    """Build a classify or instruct dataset folder (see the module docstring); returns meta.
-    tok: an already built tokenizer to use instead of making one (e.g. another dataset's)."""
-    if max_length < 0:
-        raise TaskError(f"max_length must be >= 0 (0: no truncation), got {max_length}")
+def read_task(task, input_path, val_fraction, test_fraction, seed, positive=None):
+    """The examples of a classify or instruct input and their split: {"texts", "splits"} and, to
+    classify, "labels" (ids), "names", "counts", "positive"; for instructions, "prompts", "responses"."""
     if task == "classify":
         pairs = read_labelled(input_path)
         names = sorted({lab for lab, _ in pairs})
         if len(names) < 2:
-            raise TaskError(f"{input_path} has a single label {names[0]!r}; classification needs two or more")
+            raise UserError(f"{input_path} has a single label {names[0]!r}; classification needs two or more")
         counts = {n: sum(1 for lab, _ in pairs if lab == n) for n in names}
         if positive is None:  # the rarer class is usually the one to find (spam, fraud, ...)
             positive = min(names, key=lambda n: (counts[n], n))
         if positive not in names:
-            raise TaskError(f"positive class {positive!r} is not a label; labels: {', '.join(names)}")
+            raise UserError(f"positive class {positive!r} is not a label; labels: {', '.join(names)}")
         labels = [names.index(lab) for lab, _ in pairs]
-        texts = [t for _, t in pairs]
-        splits = split_indices(len(pairs), val_fraction, test_fraction, seed, groups=labels)
-    elif task == "instruct":
+        return {"texts": [t for _, t in pairs], "labels": labels, "names": names, "counts": counts,
+                "positive": positive, "splits": split_indices(len(pairs), val_fraction, test_fraction, seed, labels)}
+    if task == "instruct":
         records = read_alpaca(input_path)
         prompts = [instruct_prompt(ins, inp) for ins, inp, _ in records]
-        texts = [p + out for p, (_, _, out) in zip(prompts, records)]
-        splits = split_indices(len(records), val_fraction, test_fraction, seed)
-    else:
-        raise TaskError(f"unknown task {task!r}; use classify or instruct")
+        responses = [out for _, _, out in records]
+        return {"texts": [p + r for p, r in zip(prompts, responses)], "prompts": prompts, "responses": responses,
+                "splits": split_indices(len(records), val_fraction, test_fraction, seed)}
+    raise UserError(f"unknown task {task!r}; use classify or instruct")
+
+
+def encode_split(task, data, idx, tok, max_length):
+    """The examples idx of one split as token ids: (seqs, the arrays of its index file, how many were cut)."""
+    if task == "classify":
+        full = [tok.encode(data["texts"][i]) or [0] for i in idx]  # an empty text still needs a last token
+        seqs = [s[:max_length] if max_length else s for s in full]
+        arrays = dict(labels=np.array([data["labels"][i] for i in idx], np.int64),
+                      full_lengths=np.array([len(f) for f in full], np.int64))
+        return seqs, arrays, sum(len(s) < len(f) for s, f in zip(seqs, full))
+    seqs, masks, truncated = [], [], 0
+    for i in idx:
+        p = tok.encode(data["prompts"][i])
+        r = tok.encode(data["responses"][i]) + [tok.eot_token]
+        s, m = p + r, [0] * len(p) + [1] * len(r)
+        if max_length and len(s) > max_length:
+            s, m, truncated = s[:max_length], m[:max_length], truncated + 1
+        seqs.append(s)
+        masks.append(m)
+    return seqs, dict(mask=np.concatenate([np.asarray(m, np.uint8) for m in masks])), truncated
+
+
+def prepare_task(task, input_path, tokenizer, out_dir, val_fraction=0.1, test_fraction=0.2, max_length=0,
+                 vocab_size=2048, positive=None, seed=1337, tok=None):
+    """Build a classify or instruct dataset folder (see the module docstring); returns meta and the tokenizer.
+    tok: an already built tokenizer to use instead of making one (e.g. another dataset's)."""
+    if max_length < 0:
+        raise UserError(f"max_length must be >= 0 (0: no truncation), got {max_length}")
+    data = read_task(task, input_path, val_fraction, test_fraction, seed, positive)
+    texts, splits = data["texts"], data["splits"]
     if tok is None:
         # a BPE learns from train only; a char alphabet must cover every split to encode it at all
         tok = make_tokenizer(tokenizer, texts if tokenizer == "char" else [texts[i] for i in splits["train"]],
                              vocab_size)
     if task == "instruct" and tok.eot_token is None:
-        raise TaskError("instruction data needs a tokenizer with an end-of-text token: gpt2 or bpe")
-    dtype = np.uint16 if tok.vocab_size <= 1 << 16 else np.uint32
+        raise UserError("instruction data needs a tokenizer with an end-of-text token: gpt2 or bpe")
+    dtype = token_dtype(tok.vocab_size)
     os.makedirs(out_dir, exist_ok=True)
     renames, sizes, truncated = [], {}, 0
     for split, idx in splits.items():
-        if task == "classify":
-            full = [tok.encode(texts[i]) or [0] for i in idx]  # an empty text still needs a last token
-            seqs = [s[:max_length] if max_length else s for s in full]
-            truncated += sum(len(s) < len(f) for s, f in zip(seqs, full))
-            renames += write_examples(out_dir, split, seqs, dtype, labels=np.array([labels[i] for i in idx], np.int64),
-                                      full_lengths=np.array([len(f) for f in full], np.int64))
-        else:
-            seqs, masks = [], []
-            for i in idx:
-                p = tok.encode(prompts[i])
-                r = tok.encode(records[i][2]) + [tok.eot_token]
-                s, m = p + r, [0] * len(p) + [1] * len(r)
-                if max_length and len(s) > max_length:
-                    s, m, truncated = s[:max_length], m[:max_length], truncated + 1
-                seqs.append(s)
-                masks.append(m)
-            renames += write_examples(out_dir, split, seqs, dtype, mask=np.concatenate(
-                [np.asarray(m, np.uint8) for m in masks]))
-        sizes[split] = len(idx)
-    save_tokenizer_file(tok, out_dir)
+        seqs, arrays, cut = encode_split(task, data, idx, tok, max_length)
+        renames += write_examples(out_dir, split, seqs, dtype, **arrays)
+        sizes[split], truncated = len(idx), truncated + cut
+    if tok.kind == "bpe":  # char and gpt2 live in meta.json; a BPE goes beside the data
+        from tokenizer import save_bpe
+        save_bpe(os.path.join(out_dir, tok.meta()["file"]), tok.bpe)
     meta = {"task": task, "tokenizer": tok.meta(), "vocab_size": tok.vocab_size, "dtype": np.dtype(dtype).name,
             "splits": sizes, "max_length": max_length, "truncated": truncated, "seed": seed,
             "val_fraction": val_fraction, "test_fraction": test_fraction}
     if task == "classify":
-        meta.update(label_names=names, positive_class=positive, label_counts=counts)
+        meta.update(label_names=data["names"], positive_class=data["positive"], label_counts=data["counts"])
     else:
         meta.update(template="alpaca")
     for tmp, final in renames:
         os.replace(tmp, final)
-    with open(os.path.join(out_dir, "meta.json.tmp"), "w", encoding="utf-8") as f:
-        json.dump(meta, f, indent=1, ensure_ascii=False)
-    os.replace(os.path.join(out_dir, "meta.json.tmp"), os.path.join(out_dir, "meta.json"))
+    write_meta(out_dir, meta)
     # the train split as plain text (one example per line for classify, blank-line separated for
     # instruct), for pretraining a base language model with --tokenizer_from on no held-out text
     with open(os.path.join(out_dir, "train_text.txt"), "w", encoding="utf-8") as f:
@@ -364,7 +350,7 @@ def binary_metrics(preds, labels, positive):
 
 
 @torch.no_grad()
-def evaluate_split(model, batches, cfg, autocast, limit=None):
+def evaluate_split(model, batches, autocast, positive=None, limit=None):
     """Loss over a split's examples in order (all, or the first limit): per example for classify
     (plus the metrics), per response token for instruct."""
     model.eval()
@@ -392,34 +378,33 @@ def evaluate_split(model, batches, cfg, autocast, limit=None):
     model.train()
     out = {"loss": total / max(count, 1)}
     if batches.task == "classify":
-        out.update(binary_metrics(np.concatenate(preds), np.concatenate(labels), cfg["positive_id"]))
+        out.update(binary_metrics(np.concatenate(preds), np.concatenate(labels), positive))
     return out
 
 
 # -----------------------------------------------------------------------------------------------
-# using a fine-tuned model (sample.py)
+# using a fine-tuned model (sample.py): decoded on the KV cache by decoding.generate_batch
 
-@torch.no_grad()
-def generate_until(model, idx, max_new_tokens, stop_token, temperature=1.0, top_k=None):
-    """Tokens generated after idx (1, T), one at a time, up to and without stop_token; returns
-    (ids, stopped): stopped is False when max_new_tokens ran out first."""
-    out = []
-    for _ in range(max_new_tokens):
-        idx = model.generate(idx, 1, temperature=temperature, top_k=top_k)
-        token = int(idx[0, -1])
-        if token == stop_token:
-            return out, True
-        out.append(token)
-    return out, False
+def instruct_prompt_ids(tokenizer, instruction, input_text, block_size):
+    """The template's prompt for an instruction, as token ids that fit the context."""
+    return tokenizer.encode(instruct_prompt(instruction, input_text))[-block_size:]
 
 
-def respond(model, tokenizer, instruction, device, max_new_tokens=200, temperature=0.0, top_k=None, input_text=""):
-    """The model's answer to an instruction wrapped in the template: (text, ended with end-of-text)."""
-    prompt = tokenizer.encode(instruct_prompt(instruction, input_text))
-    prompt = prompt[-model.config.block_size:]
-    x = torch.tensor(prompt, dtype=torch.long, device=device)[None, :]
-    ids, stopped = generate_until(model, x, max_new_tokens, tokenizer.eot_token, temperature, top_k)
-    return tokenizer.decode(ids), stopped
+def answer(model, tokenizer, prompts, max_new_tokens, temperature=0.0, top_k=None, generator=None):
+    """Answers to prompts (lists of ids), decoded together, each up to its end-of-text: [(ids, stopped)],
+    stopped False when max_new_tokens ran out first."""
+    out = generate_batch(model, prompts, max_new_tokens, temperature=temperature, top_k=top_k,
+                         stop_tokens=tokenizer.stop_tokens, generator=generator)
+    return [(ids, len(ids) < max_new_tokens) for ids in out]
+
+
+def respond(model, tokenizer, instruction, max_new_tokens=200, temperature=0.0, top_k=None, input_text="",
+            generator=None):
+    """The model's answer to an instruction wrapped in the template: (text, its token ids, whether it
+    ended with end-of-text)."""
+    prompt = instruct_prompt_ids(tokenizer, instruction, input_text, model.config.block_size)
+    (ids, stopped), = answer(model, tokenizer, [prompt], max_new_tokens, temperature, top_k, generator)
+    return tokenizer.decode(ids), ids, stopped
 
 
 @torch.no_grad()
@@ -436,21 +421,25 @@ def label_texts(model, tokenizer, texts, label_names, device):
     return out
 
 
-def instruct_report(model, tokenizer, data_dir, meta, split, device, max_new_tokens=100, show=3):
-    """Greedy answers to every prompt of a split of an instruct dataset: the share that stay in the
-    template (no new "### " section) and end with end-of-text by themselves, and a few examples."""
+def instruct_report(model, tokenizer, data_dir, meta, split, max_new_tokens=100, show=3, batch_size=16):
+    """Greedy answers to every prompt of a split of an instruct dataset, batch_size at a time: the share
+    that stay in the template (no new "### " section) and end with end-of-text by themselves, a few
+    examples as (prompt, answer, reference, stopped), and the number of tokens generated."""
     tokens, arrays = read_examples(data_dir, split, meta["dtype"])
     offsets, mask = arrays["offsets"], arrays["mask"]
-    ok, examples = 0, []
+    examples = []
     for i in range(len(offsets) - 1):
         seq, m = np.asarray(tokens[offsets[i]:offsets[i + 1]], dtype=np.int64), mask[offsets[i]:offsets[i + 1]]
-        prompt = seq[m == 0][-model.config.block_size:]
-        x = torch.tensor(prompt, device=device)[None, :]
-        ids, stopped = generate_until(model, x, max_new_tokens, tokenizer.eot_token, temperature=0.0)
-        answer = tokenizer.decode(ids)
-        good = stopped and "### " not in answer and answer.strip() != ""
-        ok += good
-        if len(examples) < show:
-            reference = tokenizer.decode([t for t in seq[m == 1].tolist() if t != tokenizer.eot_token])
-            examples.append((tokenizer.decode(prompt.tolist()), answer, reference, stopped))
-    return ok / max(1, len(offsets) - 1), examples
+        examples.append((seq[m == 0][-model.config.block_size:].tolist(), seq[m == 1].tolist()))
+    ok, shown, n = 0, [], 0
+    for start in range(0, len(examples), batch_size):
+        chunk = examples[start:start + batch_size]
+        for (prompt, response), (ids, stopped) in zip(chunk, answer(model, tokenizer, [p for p, _ in chunk],
+                                                                     max_new_tokens)):
+            text = tokenizer.decode(ids)
+            n += len(ids)
+            ok += stopped and "### " not in text and text.strip() != ""
+            if len(shown) < show:
+                reference = tokenizer.decode([t for t in response if t not in tokenizer.stop_tokens])
+                shown.append((tokenizer.decode(prompt), text, reference, stopped))
+    return ok / max(1, len(examples)), shown, n

@@ -6,13 +6,19 @@ Kinds, each rebuilt from the "tokenizer" entry of a dataset's meta.json:
 - gpt2: OpenAI's GPT-2 byte-level BPE, 50,257 tokens, through tiktoken.
 - bpe: a byte-level BPE trained here by train_bpe() and saved as tokenizer.json next to the
   dataset; encoding and decoding run through tiktoken with the learned ranks.
-- hf: the tokenizer of an imported Hugging Face model (its tokenizer.json or Meta's
-  tokenizer.model), read by hf.py into tiktoken.
+- hf: the tokenizer of an imported Hugging Face model: a byte-level BPE tokenizer.json, or Meta's
+  tokenizer.model for Llama 3 (base64 token and rank per line), read into tiktoken (hf_tokenizer).
 
 Every tokenizer has the same small surface: encode(text) -> list[int], decode(ids) -> str,
-vocab_size, eot_token (the end-of-text id, or None), and meta() -> the JSON-able dict that
-rebuilds it. Text never produces special tokens: encode() treats "<|endoftext|>" in a
-document as ordinary characters, so only prepare.py decides where documents end.
+vocab_size, meta() -> the JSON-able dict that rebuilds it, and three kinds of special token:
+- eot_token: the end-of-text id that prepare.py puts after every document and the instruction
+  template after every response (None for char);
+- bos_token: the id a prompt starts with when it is empty (GPT-2: end-of-text, which also begins a
+  document; Llama 3: <|begin_of_text|>);
+- stop_tokens: the ids generation stops at (GPT-2: end-of-text; Llama 3: <|end_of_text|> and the
+  end-of-turn <|eot_id|>, or the eos ids the model's config.json names).
+Text never produces special tokens: encode() treats "<|endoftext|>" in a document as ordinary
+characters, so only prepare.py decides where documents end.
 
 BPE trainer design choices:
 - Byte-level: the 256 byte values are ids 0..255, so any UTF-8 text round-trips exactly.
@@ -36,32 +42,30 @@ BPE trainer design choices:
 - tokenizer.json is plain JSON (no pickle): the pattern, the merges [id_a, id_b, id] in the
   order learned, the special tokens, and a "vocab" list of pieces that is only for reading.
 """
-import argparse
+import base64
 import heapq
 import json
+import os
 import sys
-
-from configurator import DefaultsHelpFormatter
 import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-
-class TokenizerError(ValueError):
-    """Text or settings a tokenizer cannot handle; the message says what to do."""
+from common import ArgumentParser, UserError, read_meta, run_cli
 
 
 class CharTokenizer:
     kind = "char"
-    eot_token = None
+    eot_token = bos_token = None
+    stop_tokens = ()
 
     def __init__(self, chars):
         self.chars = "".join(chars)
         self.stoi = {ch: i for i, ch in enumerate(self.chars)}
         if len(self.stoi) != len(self.chars):
-            raise TokenizerError("char tokenizer: the alphabet has repeated characters")
+            raise UserError("char tokenizer: the alphabet has repeated characters")
         self.vocab_size = len(self.chars)
 
     @classmethod
@@ -74,7 +78,7 @@ class CharTokenizer:
         except KeyError:
             missing = sorted({ch for ch in text if ch not in self.stoi})
             shown = ", ".join(repr(ch) for ch in missing[:10])
-            raise TokenizerError(f"characters not in this char-level vocabulary: {shown}; "
+            raise UserError(f"characters not in this char-level vocabulary: {shown}; "
                                  f"use only characters of the training corpus") from None
 
     def decode(self, ids):
@@ -88,14 +92,18 @@ class CharTokenizer:
 
 
 class TiktokenTokenizer:
-    """A tiktoken.Encoding behind the common surface (GPT-2's BPE, or one trained here)."""
+    """A tiktoken.Encoding behind the common surface (GPT-2's BPE, one trained here, or a Hugging
+    Face model's). Without bos or stop given, end-of-text is both."""
 
-    def __init__(self, enc, kind, meta_extra=None):
+    def __init__(self, enc, kind, meta_extra=None, eot=None, bos=None, stop=None):
         self.enc = enc
         self.kind = kind
         self.vocab_size = enc.n_vocab
-        # enc.eot_token raises KeyError when there is no <|endoftext|>
-        self.eot_token = enc.eot_token if "<|endoftext|>" in enc.special_tokens_set else None
+        if eot is None and "<|endoftext|>" in enc.special_tokens_set:  # enc.eot_token raises KeyError without it
+            eot = enc.eot_token
+        self.eot_token = eot
+        self.bos_token = eot if bos is None else bos
+        self.stop_tokens = tuple(stop) if stop else () if eot is None else (eot,)
         self._meta_extra = meta_extra or {}
 
     def encode(self, text):
@@ -119,7 +127,7 @@ def gpt2_tokenizer():
     try:
         enc = tiktoken.get_encoding("gpt2")
     except Exception as e:  # tiktoken downloads the vocabulary once; offline it fails here
-        raise TokenizerError(
+        raise UserError(
             f"could not load GPT-2's vocabulary ({type(e).__name__}); offline, point "
             f"TIKTOKEN_CACHE_DIR at a directory holding tiktoken's cached gpt2 files") from None
     return TiktokenTokenizer(enc, "gpt2")
@@ -134,13 +142,17 @@ def load_tokenizer(meta, data_dir=None):
         return gpt2_tokenizer()
     if kind == "bpe":
         if data_dir is None:
-            raise TokenizerError("a bpe tokenizer is loaded from its dataset folder; pass data_dir")
+            raise UserError("a bpe tokenizer is loaded from its dataset folder; pass data_dir")
         return bpe_tokenizer_from_file(Path(data_dir) / meta.get("file", BPE_FILE))
-    if kind == "hf":  # the tokenizer of an imported Hugging Face model, read by hf.py
-        from hf import hf_tokenizer
+    if kind == "hf":  # the tokenizer of an imported Hugging Face model
         return hf_tokenizer(meta)
-    raise TokenizerError(f"unknown tokenizer kind {kind!r} in meta.json; "
+    raise UserError(f"unknown tokenizer kind {kind!r} in meta.json; "
                          f"re-run prepare.py to rebuild the dataset")
+
+
+def dataset_tokenizer(data_dir):
+    """The tokenizer of a prepared dataset folder, e.g. to prepare more text with the same ids."""
+    return load_tokenizer(read_meta(data_dir)["tokenizer"], data_dir)
 
 
 class StreamDecoder:
@@ -208,14 +220,14 @@ def _compile(pattern):
     try:
         import regex  # re lacks \p{L} and possessive quantifiers; regex comes with tiktoken
     except ImportError:
-        raise TokenizerError("the BPE trainer needs the 'regex' package: "
+        raise UserError("the BPE trainer needs the 'regex' package: "
                              "pip install regex") from None
     return regex.compile(pattern)
 
 
 def _pattern_by_name(name):
     if name not in PATTERNS:
-        raise TokenizerError(f"unknown split pattern {name!r}; choose one of {sorted(PATTERNS)}")
+        raise UserError(f"unknown split pattern {name!r}; choose one of {sorted(PATTERNS)}")
     return PATTERNS[name]
 
 
@@ -318,7 +330,7 @@ def train_bpe(texts, vocab_size, pattern="gpt4", special_tokens=("<|endoftext|>"
     special_tokens = list(dict.fromkeys(special_tokens))  # drop repeats, keep order
     n_ordinary = vocab_size - len(special_tokens)
     if n_ordinary < 256:
-        raise TokenizerError(f"vocab_size {vocab_size} is too small: a byte-level BPE needs 256 "
+        raise UserError(f"vocab_size {vocab_size} is too small: a byte-level BPE needs 256 "
                              f"byte tokens plus {len(special_tokens)} special tokens")
 
     chunk_counts = _count_chunks(texts, pattern_str, max_chunks)
@@ -408,25 +420,26 @@ def load_bpe(path):
         merges = [(int(a), int(b), int(new)) for a, b, new in data["merges"]]
         specials = {str(s): int(i) for s, i in data["special_tokens"].items()}
     except OSError as e:
-        raise TokenizerError(f"cannot read BPE tokenizer {path}: {e.strerror}") from None
+        raise UserError(f"cannot read BPE tokenizer {path}: {e.strerror}") from None
     except (ValueError, KeyError, TypeError, AttributeError) as e:
-        raise TokenizerError(f"{path} is not a BPE tokenizer.json "
+        raise UserError(f"{path} is not a BPE tokenizer.json "
                              f"({type(e).__name__}: {e})") from None
     vocab = [bytes([i]) for i in range(256)]
     for a, b, new in merges:
         if not (0 <= a < len(vocab) and 0 <= b < len(vocab) and 0 <= new <= len(vocab)):
-            raise TokenizerError(f"{path}: merge {[a, b, new]} uses an id not defined before it")
+            raise UserError(f"{path}: merge {[a, b, new]} uses an id not defined before it")
         if new == len(vocab):
             vocab.append(vocab[a] + vocab[b])
         elif vocab[new] != vocab[a] + vocab[b]:
-            raise TokenizerError(f"{path}: merge {[a, b, new]} does not give token {new}'s bytes")
+            raise UserError(f"{path}: merge {[a, b, new]} does not give token {new}'s bytes")
     if sorted(specials.values()) != list(range(len(vocab), len(vocab) + len(specials))):
-        raise TokenizerError(f"{path}: special token ids must follow the last merged token")
+        raise UserError(f"{path}: special token ids must follow the last merged token")
     return BPE(pattern_name, pattern, vocab, merges, specials)
 
 
 def bpe_tokenizer(bpe, file=BPE_FILE):
-    """Wrap a trained BPE in tiktoken; file is the name meta() records for load_tokenizer."""
+    """Wrap a trained BPE in tiktoken; file is the name meta() records for load_tokenizer. The BPE
+    itself stays on the tokenizer (.bpe), for save_bpe to write beside a new dataset."""
     import tiktoken
     enc = tiktoken.Encoding(
         name=f"bpe-{bpe.pattern_name}-{bpe.n_vocab}",
@@ -435,11 +448,125 @@ def bpe_tokenizer(bpe, file=BPE_FILE):
         special_tokens=dict(bpe.special_tokens),
         explicit_n_vocab=bpe.n_vocab,  # checks that ids run 0..n_vocab-1 without holes
     )
-    return TiktokenTokenizer(enc, "bpe", {"file": file})
+    tok = TiktokenTokenizer(enc, "bpe", {"file": file})
+    tok.bpe = bpe
+    return tok
 
 
 def bpe_tokenizer_from_file(path):
     return bpe_tokenizer(load_bpe(path), Path(path).name)
+
+
+# ----------------------------------------------------------------------------- Hugging Face tokenizers
+
+# Llama 3's pre-split regex and special tokens (Meta's llama3 tokenizer.py)
+LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                  r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+LLAMA3_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>",
+                   "<|reserved_special_token_1|>", "<|finetune_right_pad_id|>", "<|step_id|>",
+                   "<|start_header_id|>", "<|end_header_id|>", "<|eom_id|>", "<|eot_id|>", "<|python_tag|>"]
+BOS_NAMES = ("<|begin_of_text|>", "<|endoftext|>")  # what a prompt starts with, by name, when config.json is silent
+STOP_NAMES = ("<|end_of_text|>", "<|eot_id|>", "<|endoftext|>")  # where generation stops, likewise
+
+
+def _byte_decoder():
+    """GPT-2's byte-level alphabet inverted: the printable character standing for each byte -> the byte."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {chr(c): b for b, c in zip(bs, cs)}
+
+
+def _json_pattern(path, pre):
+    """The pre-split regex of a tokenizer.json's pre_tokenizer (a Split with a Regex, or ByteLevel's own)."""
+    steps = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
+    pattern = None
+    for step in steps:
+        if step.get("type") == "Split" and "Regex" in step.get("pattern", {}):
+            pattern = step["pattern"]["Regex"]
+        elif step.get("type") == "ByteLevel":
+            if step.get("add_prefix_space"):
+                raise UserError(f"{path}: add_prefix_space is not supported")
+            if step.get("use_regex", True):
+                pattern = GPT2_PATTERN
+        else:
+            raise UserError(f"{path}: pre-tokenizer {step.get('type')!r} is not supported")
+    if pattern is None:
+        raise UserError(f"{path}: no byte-level pre-tokenizer found")
+    return pattern
+
+
+def _from_tokenizer_json(path):
+    """(pattern, ranks, specials) of a byte-level BPE tokenizer.json, if tiktoken can reproduce it."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise UserError(f"could not read {path} ({type(e).__name__})") from None
+    model = data.get("model") or {}
+    if model.get("type") != "BPE" or model.get("byte_fallback") or data.get("normalizer") \
+            or model.get("continuing_subword_prefix") or model.get("end_of_word_suffix"):
+        raise UserError(f"{path}: only byte-level BPE without a normalizer can be read through tiktoken")
+    pattern = _json_pattern(path, data.get("pre_tokenizer") or {})
+    decode = _byte_decoder()
+    try:
+        ranks = {bytes(decode[ch] for ch in piece): i for piece, i in model["vocab"].items()}
+    except KeyError:
+        raise UserError(f"{path}: the vocabulary is not byte-level (a piece uses a character outside "
+                        f"GPT-2's byte alphabet)") from None
+    last = -1
+    for m in model.get("merges", []):  # tiktoken merges by rank: the merge order must be the id order
+        a, b = m.split(" ", 1) if isinstance(m, str) else m
+        rank = ranks.get(bytes(decode[ch] for ch in a + b))
+        if rank is None or rank < last:  # equal: two splits of one token (tokenizers converted from tiktoken)
+            raise UserError(f"{path}: merges are not in the order of token ids; tiktoken cannot reproduce them")
+        last = rank
+    if any(bytes([b]) not in ranks for b in range(256)):
+        raise UserError(f"{path}: the vocabulary lacks some of the 256 single bytes")
+    specials = {}
+    for t in data.get("added_tokens", []):  # special tokens are never produced from text (encode_ordinary)
+        ranks.pop(t["content"].encode("utf-8"), None)
+        specials[t["content"]] = t["id"]
+    return pattern, ranks, specials
+
+
+def _from_tiktoken_file(path):
+    """(pattern, ranks, specials) of Meta's tokenizer.model for Llama 3: base64 token and rank per line."""
+    ranks = {}
+    try:
+        for line in Path(path).read_text(encoding="utf-8").splitlines():
+            if line:
+                token, rank = line.split()
+                ranks[base64.b64decode(token)] = int(rank)
+    except (ValueError, UnicodeDecodeError):
+        raise UserError(f"{path} is not a tiktoken BPE file (a SentencePiece model, as Llama 1 and 2 use, "
+                        f"is not supported); provide tokenizer.json") from None
+    n = len(ranks)
+    names = LLAMA3_SPECIALS + [f"<|reserved_special_token_{i}|>" for i in range(2, 256 - len(LLAMA3_SPECIALS) + 2)]
+    return LLAMA3_PATTERN, ranks, {name: n + i for i, name in enumerate(names[:256])}
+
+
+def hf_tokenizer(meta):
+    """A TiktokenTokenizer for a Hugging Face folder's tokenizer.json or tokenizer.model (meta["file"]).
+    meta["bos"] and meta["eos"] (a list), when the model's config.json named them, say where a prompt
+    starts and where generation stops; otherwise the special tokens are found by name."""
+    import tiktoken
+    path = meta.get("file", "")
+    if not os.path.isfile(path):
+        raise UserError(f"tokenizer file {path!r} not found; it was recorded when the model was imported")
+    pattern, ranks, specials = (_from_tokenizer_json if path.endswith(".json") else _from_tiktoken_file)(path)
+    enc = tiktoken.Encoding(name=f"hf-{Path(path).parent.name}", pat_str=pattern, mergeable_ranks=ranks,
+                            special_tokens=specials)
+    bos = meta.get("bos")
+    if bos is None:
+        bos = next((specials[n] for n in BOS_NAMES if n in specials), None)
+    stop = list(meta.get("eos") or [specials[n] for n in STOP_NAMES if n in specials])
+    eot = specials.get("<|endoftext|>", stop[0] if stop else None)
+    return TiktokenTokenizer(enc, "hf", {k: v for k, v in meta.items() if k != "kind"}, eot=eot, bos=bos, stop=stop)
 
 
 # ----------------------------------------------------------------------------- command line
@@ -448,19 +575,9 @@ def _read_text(path):
     try:
         return Path(path).read_text(encoding="utf-8")
     except UnicodeDecodeError:
-        raise TokenizerError(f"{path} is not UTF-8 text") from None
+        raise UserError(f"{path} is not UTF-8 text") from None
     except OSError as e:
-        raise TokenizerError(f"cannot read {path}: {e.strerror}") from None
-
-
-def _meta_tokenizer(data_dir):
-    """The "tokenizer" entry of data_dir/meta.json."""
-    path = Path(data_dir) / "meta.json"
-    text = _read_text(path)
-    try:
-        return json.loads(text)["tokenizer"]
-    except (ValueError, KeyError, TypeError):
-        raise TokenizerError(f"{path} has no \"tokenizer\" entry; re-run prepare.py") from None
+        raise UserError(f"cannot read {path}: {e.strerror}") from None
 
 
 def _cli_tokenizer(kind, data_dir, file):
@@ -468,19 +585,17 @@ def _cli_tokenizer(kind, data_dir, file):
     if kind is None and file:
         kind = "bpe"
     elif kind is None:
-        kind = _meta_tokenizer(data_dir).get("kind") if data_dir else "gpt2"
+        kind = read_meta(data_dir)["tokenizer"].get("kind") if data_dir else "gpt2"
     if kind == "gpt2":
         return gpt2_tokenizer()
     if kind == "bpe" and file:
         return bpe_tokenizer_from_file(file)
     if data_dir is None:
         extra = " or --file tokenizer.json" if kind == "bpe" else ""
-        raise TokenizerError(f"--tokenizer {kind} needs --data DIR, "
-                             f"a prepared dataset folder{extra}")
-    meta = _meta_tokenizer(data_dir)
+        raise UserError(f"--tokenizer {kind} needs --data DIR, a prepared dataset folder{extra}")
+    meta = read_meta(data_dir)["tokenizer"]
     if meta.get("kind") != kind:
-        raise TokenizerError(f"{data_dir}/meta.json holds a {meta.get('kind')!r} tokenizer, "
-                             f"not {kind!r}")
+        raise UserError(f"{data_dir}/meta.json holds a {meta.get('kind')!r} tokenizer, not {kind!r}")
     return load_tokenizer(meta, data_dir)
 
 
@@ -515,19 +630,15 @@ def bench_train(path, vocab_size, pattern, out=None):
           f"in {seconds:.2f} s")
     print(f"bytes/token on the same text: {bytes_per_token(bpe_tokenizer(bpe), text):.3f}")
     if out:
-        save_bpe(out, bpe)
+        try:
+            save_bpe(out, bpe)
+        except OSError as e:
+            raise UserError(f"cannot write {out}: {e.strerror}") from None
         print(f"saved {out}")
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line and exit code 1, like every other error here
-        print(f"error: {message}", file=sys.stderr)
-        sys.exit(1)
-
-
-def main(argv=None):
-    p = _Parser(description="Look at tokens, measure bytes/token, or time the BPE trainer.",
-                formatter_class=DefaultsHelpFormatter)
+def main(argv):
+    p = ArgumentParser(prog="tokenizer.py", description="Look at tokens, measure bytes/token, or time the BPE trainer.")
     p.add_argument("--tokenizer", choices=["char", "gpt2", "bpe"], default=None,
                    help="which tokenizer; by default the one in --data's meta.json, "
                         "bpe with --file, else gpt2")
@@ -545,21 +656,16 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.text is None and args.corpus is None and args.bench_train is None:
         p.error("nothing to do: give --text, --corpus or --bench_train")
-    try:
-        if args.bench_train is not None:
-            bench_train(args.bench_train, args.vocab_size, args.pattern, args.out)
-        if args.text is not None or args.corpus is not None:
-            tokenizer = _cli_tokenizer(args.tokenizer, args.data, args.file)
-            if args.text is not None:
-                show_tokens(tokenizer, args.text)
-            if args.corpus is not None:
-                print(f"{args.corpus}: {bytes_per_token(tokenizer, _read_text(args.corpus)):.3f} "
-                      f"bytes/token ({tokenizer.kind}, {tokenizer.vocab_size} tokens)")
-    except (TokenizerError, OSError) as e:  # OSError: e.g. --out cannot be written
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    return 0
+    if args.bench_train is not None:
+        bench_train(args.bench_train, args.vocab_size, args.pattern, args.out)
+    if args.text is not None or args.corpus is not None:
+        tokenizer = _cli_tokenizer(args.tokenizer, args.data, args.file)
+        if args.text is not None:
+            show_tokens(tokenizer, args.text)
+        if args.corpus is not None:
+            print(f"{args.corpus}: {bytes_per_token(tokenizer, _read_text(args.corpus)):.3f} "
+                  f"bytes/token ({tokenizer.kind}, {tokenizer.vocab_size} tokens)")
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

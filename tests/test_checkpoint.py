@@ -14,40 +14,30 @@ import time
 import pytest
 import torch
 
+import checkpoint
 import train
-from conftest import REPO, TINY_MODEL, read_metrics, run_script
+from common import UserError
+from conftest import REPO, TINY_MODEL, curve, prepare_tiny, run_main, run_script, snapshot
 
 # lr_decay_iters is fixed because 0 means max_iters: a run stopped early with max_iters=k would
 # otherwise follow a different schedule than the run it is compared with
 RUN = [*TINY_MODEL, "--dropout=0.1", "--lr_decay_iters=20", "--eval_interval=5", "--log_interval=1",
        "--always_save_checkpoint=True"]
-ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # tiny models: a second thread only spins on a shared machine
-
-
-def curve(out_dir):
-    """The training and validation losses of a run, as logged, in order."""
-    return [(r["iter"], k, r[k]) for r in read_metrics(out_dir) for k in ("loss", "val/loss") if k in r]
 
 
 def cli(cwd, *args, monkeypatch):
-    """train.py's command line, in this process (no interpreter start-up): (exit code, stderr)."""
+    """train.py's command line, in this process (no interpreter start-up): its exit code."""
     monkeypatch.chdir(cwd)
     return train.cli([*TINY_MODEL, *map(str, args)])
-
-
-def snapshot(out_dir):
-    return {p.name: p.read_bytes() for p in sorted(out_dir.iterdir()) if p.is_file()}
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, corpus_text):
     """A folder with data/tiny and out/: a checkpoint after 10 iterations, and the uninterrupted
     20-iteration run in full/."""
-    root = tmp_path_factory.mktemp("ckpt")
-    (root / "input.txt").write_text(corpus_text, encoding="utf-8")
-    run_script("prepare.py", "--input", "input.txt", "--tokenizer", "char", "--out", "data/tiny", cwd=root)
-    run_script("train.py", *RUN, "--out_dir=full", "--max_iters=20", cwd=root, env=ONE_THREAD)
-    run_script("train.py", *RUN, "--out_dir=out", "--max_iters=10", cwd=root, env=ONE_THREAD)
+    root = prepare_tiny(tmp_path_factory.mktemp("ckpt"), corpus_text)
+    run_main("train.py", *RUN, "--out_dir=full", "--max_iters=20", cwd=root)
+    run_main("train.py", *RUN, "--out_dir=out", "--max_iters=10", cwd=root)
     return root
 
 
@@ -57,34 +47,54 @@ def trained(tmp_path_factory, corpus_text):
 def test_a_run_stopped_at_k_and_resumed_logs_the_uninterrupted_runs_losses_bit_for_bit(trained, tmp_path):
     shutil.copytree(trained / "out", tmp_path / "out")
     shutil.copytree(trained / "data", tmp_path / "data")
-    proc = run_script("train.py", *RUN, "--out_dir=out", "--max_iters=20", "--init_from=resume", cwd=tmp_path,
-                      env=ONE_THREAD)
-    assert "resuming with changed settings: max_iters 10 -> 20" in proc.stdout
+    result = run_main("train.py", *RUN, "--out_dir=out", "--max_iters=20", "--init_from=resume", cwd=tmp_path)
+    assert "resuming with changed settings: max_iters 10 -> 20" in result.stdout
     full = curve(trained / "full")
     assert len(full) == 25 and curve(tmp_path / "out") == full  # dropout is on: the RNG states resume too
 
 
+def check_stopped_and_resumed(out, folder, sig, full):
+    """The run printed one stop line with the command that resumes, saved its iteration, and its resume
+    logs the uninterrupted run's losses."""
+    stopped = [line for line in out.splitlines() if line.startswith(f"stopped by {sig.name}")]
+    assert len(stopped) == 1 and "resume with: python train.py" in stopped[0] and "--init_from=resume" in stopped[0]
+    k = int(stopped[0].split("at iteration ")[1].split(";")[0])
+    assert 7 <= k < 20 and torch.load(folder / "out" / "ckpt.pt", weights_only=True)["iter_num"] == k
+    run_main("train.py", *RUN, "--out_dir=out", "--max_iters=20", "--init_from=resume", cwd=folder)
+    assert curve(folder / "out") == curve(full)
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
-def test_a_stop_signal_finishes_the_step_saves_exits_0_says_how_to_resume_and_resumes_exactly(trained, tmp_path, sig):
+def test_a_stop_signal_finishes_the_step_saves_exits_0_says_how_to_resume_and_resumes_exactly(trained, tmp_path, sig,
+                                                                                            monkeypatch):
+    shutil.copytree(trained / "data", tmp_path / "data")
+    report = train.Run.report_step
+
+    def signal_at_7(run, *args):  # the signal arrives mid-run, between two evaluations
+        report(run, *args)
+        if run.iter_num == 7:
+            os.kill(os.getpid(), sig)
+
+    monkeypatch.setattr(train.Run, "report_step", signal_at_7)
+    result = run_main("train.py", *RUN, "--out_dir=out", "--max_iters=20", cwd=tmp_path)
+    assert result.returncode == 0
+    check_stopped_and_resumed(result.stdout, tmp_path, sig, trained / "full")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_stop_signal_to_a_training_process_stops_it_saved_and_resumable(trained, tmp_path, sig):
     shutil.copytree(trained / "data", tmp_path / "data")
     args = [sys.executable, str(REPO / "train.py"), *RUN, "--out_dir=out", "--max_iters=20"]
     proc = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1", **ONE_THREAD})
-    lines = []
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
     for line in proc.stdout:  # stop it mid-run, between two evaluations
-        lines.append(line)
         if line.startswith("iter 7:"):
             proc.send_signal(sig)
             break
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err
-    stopped = [l for l in out.splitlines() if l.startswith(f"stopped by {sig.name}")]
-    assert len(stopped) == 1 and "resume with: python train.py" in stopped[0] and "--init_from=resume" in stopped[0]
-    k = int(stopped[0].split("at iteration ")[1].split(";")[0])
-    assert 7 <= k < 20 and torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)["iter_num"] == k
-    run_script("train.py", *RUN, "--out_dir=out", "--max_iters=20", "--init_from=resume", cwd=tmp_path,
-               env=ONE_THREAD)
-    assert curve(tmp_path / "out") == curve(trained / "full")
+    check_stopped_and_resumed(out, tmp_path, sig, trained / "full")
 
 
 def kill_once(cwd, args, delay):
@@ -93,7 +103,7 @@ def kill_once(cwd, args, delay):
     log = cwd / "kill.log"
     with open(log, "w") as f:
         proc = subprocess.Popen([sys.executable, str(REPO / "train.py"), *args], cwd=cwd, stdout=f,
-                                stderr=subprocess.STDOUT, env={**os.environ, **ONE_THREAD})
+                                stderr=subprocess.STDOUT, env=dict(os.environ))
     tmp = cwd / "out" / f"ckpt.pt.{proc.pid}.tmp"
     started, saving, deadline = None, False, time.time() + 120
     while time.time() < deadline and proc.poll() is None:
@@ -116,18 +126,18 @@ def test_kill_9_at_random_moments_20_times_always_leaves_a_loadable_checkpoint_a
     written), each followed by a load; then the resumed run ends with the uninterrupted run's losses."""
     shutil.copytree(trained / "data", tmp_path / "data")
     common = [*RUN, "--out_dir=out", "--eval_interval=2", "--eval_iters=1", "--lr_decay_iters=1000", "--max_iters=1000"]
-    run_script("train.py", *common, "--out_dir=full", cwd=tmp_path, env=ONE_THREAD)
-    run_script("train.py", *common, "--max_iters=2", cwd=tmp_path, env=ONE_THREAD)  # the first checkpoint
+    run_script("train.py", *common, "--out_dir=full", cwd=tmp_path)
+    run_script("train.py", *common, "--max_iters=2", cwd=tmp_path)  # the first checkpoint
     rng, iters, caught_saving = random.Random(7), [], 0
     for trial in range(20):
         caught_saving += kill_once(tmp_path, [*common, "--init_from=resume"],
                                    None if trial % 2 else rng.uniform(0.0, 1.0))
-        ckpt = train.load_checkpoint(str(tmp_path / "out"))  # raises on a damaged file
+        ckpt = checkpoint.load_checkpoint(str(tmp_path / "out"))  # raises on a damaged file
         assert len(ckpt["rng"]) == 1 and ckpt["model"]["transformer.wte.weight"].isfinite().all()
         iters.append(ckpt["iter_num"])
     print(f"20 of 20 kills left a loadable checkpoint; {caught_saving} landed during a save; iterations {iters}")
     assert iters == sorted(iters) and 2 < iters[-1] < 1000  # never back; the kills landed mid-run
-    run_script("train.py", *common, "--init_from=resume", cwd=tmp_path, env=ONE_THREAD)
+    run_script("train.py", *common, "--init_from=resume", cwd=tmp_path)
     got, want = curve(tmp_path / "out"), curve(tmp_path / "full")
     assert got[-1] == want[-1] and got == want
 
@@ -146,8 +156,31 @@ def test_a_checkpoint_loads_weights_only_and_has_a_json_summary_beside_it(traine
     assert summary["bytes"] == (trained / "out" / "ckpt.pt").stat().st_size
 
 
+def test_every_checkpoint_records_its_format_version(trained):
+    assert torch.load(trained / "out" / "ckpt.pt", weights_only=True)["format"] == checkpoint.FORMAT_VERSION
+    assert json.loads((trained / "out" / "ckpt.json").read_text())["format"] == checkpoint.FORMAT_VERSION
+
+
+def test_a_checkpoint_from_before_the_format_field_still_resumes_exactly(trained, tmp_path):
+    shutil.copytree(trained / "out", tmp_path / "out")
+    shutil.copytree(trained / "data", tmp_path / "data")
+    old = torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)
+    del old["format"]
+    torch.save(old, tmp_path / "out" / "ckpt.pt")
+    run_main("train.py", *RUN, "--out_dir=out", "--max_iters=20", "--init_from=resume", cwd=tmp_path)
+    assert curve(tmp_path / "out") == curve(trained / "full")
+
+
+def test_a_checkpoint_of_a_newer_format_is_refused_in_one_line(trained, tmp_path):
+    shutil.copytree(trained / "out", tmp_path / "out")
+    newer = torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)
+    torch.save({**newer, "format": checkpoint.FORMAT_VERSION + 1}, tmp_path / "out" / "ckpt.pt")
+    with pytest.raises(UserError, match="newer than this code's"):
+        checkpoint.load_checkpoint(str(tmp_path / "out"))
+
+
 def test_out_of_disk_space_while_saving_keeps_the_previous_checkpoint_and_says_so(tmp_path, monkeypatch):
-    train.save_checkpoint({"iter_num": 1, "w": torch.ones(3)}, str(tmp_path))
+    checkpoint.save_checkpoint({"iter_num": 1, "w": torch.ones(3)}, str(tmp_path))
     before = (tmp_path / "ckpt.pt").read_bytes()
 
     def full_disk(obj, f):
@@ -155,15 +188,15 @@ def test_out_of_disk_space_while_saving_keeps_the_previous_checkpoint_and_says_s
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     monkeypatch.setattr(torch, "save", full_disk)
-    with pytest.raises(train.TrainError, match="No space left on device.*previous checkpoint .* is intact"):
-        train.save_checkpoint({"iter_num": 2, "w": torch.zeros(3)}, str(tmp_path))
+    with pytest.raises(UserError, match="No space left on device.*previous checkpoint .* is intact"):
+        checkpoint.save_checkpoint({"iter_num": 2, "w": torch.zeros(3)}, str(tmp_path))
     assert (tmp_path / "ckpt.pt").read_bytes() == before
     assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
 
 
 def test_keep_checkpoints_keeps_the_newest_n_as_ckpt_iter_files(tmp_path):
     for it in range(1, 5):
-        train.save_checkpoint({"iter_num": it, "w": torch.full((2,), float(it))}, str(tmp_path), keep=2)
+        checkpoint.save_checkpoint({"iter_num": it, "w": torch.full((2,), float(it))}, str(tmp_path), keep=2)
         time.sleep(0.01)  # distinct modification times
     assert sorted(p for p in os.listdir(tmp_path) if p.startswith("ckpt-")) == ["ckpt-00000003.pt", "ckpt-00000004.pt"]
     assert torch.load(tmp_path / "ckpt-00000003.pt", weights_only=True)["iter_num"] == 3
@@ -174,8 +207,8 @@ def test_a_truncated_or_corrupted_checkpoint_is_a_clear_error(trained, tmp_path,
     data = (trained / "out" / "ckpt.pt").read_bytes()
     bad = {"truncate": data[:len(data) // 2], "garbage": os.urandom(4096), "empty": b""}[damage]
     (tmp_path / "ckpt.pt").write_bytes(bad)
-    with pytest.raises(train.TrainError, match="truncated or corrupted"):
-        train.load_checkpoint(str(tmp_path))
+    with pytest.raises(UserError, match="truncated or corrupted"):
+        checkpoint.load_checkpoint(str(tmp_path))
 
 
 # -----------------------------------------------------------------------------------------------
@@ -292,7 +325,7 @@ def test_bad_settings_are_one_line_a_nonzero_exit_and_an_untouched_checkpoint(tr
 
 
 def test_debug_shows_the_traceback_instead(trained, monkeypatch):
-    with pytest.raises(train.TrainError, match="not found"):
+    with pytest.raises(UserError, match="not found"):
         cli(trained, "--out_dir=out", "--dataset=missing", "--debug", monkeypatch=monkeypatch)
 
 
@@ -315,7 +348,7 @@ def test_under_torchrun_a_sigterm_to_one_process_stops_every_process_at_the_same
     args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
             str(REPO / "train.py"), *RUN, "--out_dir=out", "--max_iters=5000", "--gradient_accumulation_steps=2"]
     proc = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1", **ONE_THREAD})
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
     for line in proc.stdout:
         if line.startswith("iter 5:"):
             break

@@ -1,7 +1,8 @@
 """configurator.py: defaults <- config file <- command line, with clear errors."""
 import pytest
 
-from configurator import ConfigError, parse_args
+from common import UserError
+from configurator import parse_args
 from model import GPTConfig
 from train import TrainConfig
 
@@ -24,21 +25,21 @@ def test_config_file_overrides_defaults_and_command_line_overrides_file(tmp_path
 
 
 def test_unknown_key_names_the_nearest_valid_key():
-    with pytest.raises(ConfigError, match=r"unknown config key 'n_layers' \(did you mean 'n_layer'\?\)"):
+    with pytest.raises(UserError, match=r"unknown config key 'n_layers' \(did you mean 'n_layer'\?\)"):
         parse("--n_layers=2")
 
 
 def test_unknown_key_in_a_config_file_is_refused(tmp_path):
     f = tmp_path / "c.py"
     f.write_text("learning_rat = 1e-3\n")
-    with pytest.raises(ConfigError, match="learning_rate"):
+    with pytest.raises(UserError, match="learning_rate"):
         parse(str(f))
 
 
 @pytest.mark.parametrize("arg", ["--n_layer=2.5", "--n_layer=abc", "--compile=maybe", "--learning_rate=fast"])
 def test_wrong_type_is_refused_with_the_key_named(arg):
     key = arg[2:].split("=")[0]
-    with pytest.raises(ConfigError, match=key):
+    with pytest.raises(UserError, match=key):
         parse(arg)
 
 
@@ -51,9 +52,9 @@ def test_ints_are_accepted_for_floats_and_strings_stay_as_typed():
 def test_a_config_file_that_raises_or_is_missing_is_one_clear_error(tmp_path):
     f = tmp_path / "bad.py"
     f.write_text("n_layer = 1 / 0\n")
-    with pytest.raises(ConfigError, match="ZeroDivisionError"):
+    with pytest.raises(UserError, match="ZeroDivisionError"):
         parse(str(f))
-    with pytest.raises(ConfigError, match="not found"):
+    with pytest.raises(UserError, match="not found"):
         parse(str(tmp_path / "missing.py"))
 
 
@@ -68,11 +69,13 @@ def test_help_lists_every_key_with_its_default(capsys):
         assert len(line.split("(default:")[0].strip()) > len(key) + 2, f"{key} has no help text"
 
 
-@pytest.mark.parametrize("script", ["prepare.py", "sample.py", "train.py", "tokenizer.py", "plot.py"])
-def test_every_option_of_every_script_shows_its_default_in_help(script, tmp_path):
+@pytest.mark.parametrize("command", ["prepare.py", "sample.py", "train.py", "tokenizer.py", "plot.py", "bench.py",
+                                     "merge_lora.py", "hf.py export", "hf.py import"])
+def test_every_option_of_every_script_shows_its_default_in_help(command, tmp_path):
     import re
-    from conftest import run_script
-    out = run_script(script, "--help", cwd=tmp_path).stdout
+    from conftest import run_main
+    script, *sub = command.split()
+    out = run_main(script, *sub, "--help", cwd=tmp_path).stdout
     entries = re.split(r"\n  (?=-)", out.split("options:" if "options:" in out else "keys:", 1)[1])
     options = [e for e in entries if e.lstrip().startswith("--")]
     assert len(options) >= 2

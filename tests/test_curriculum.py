@@ -38,6 +38,7 @@ def small_copies(root):
     return data
 
 
+@pytest.mark.slow
 def test_every_readme_stage_command_runs_at_a_tiny_size(tmp_path):
     if not (SHARED / "data").exists():
         pytest.skip("needs ../shared/data")

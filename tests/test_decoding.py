@@ -1,12 +1,15 @@
-"""model.py decoding: the KV cache, sampling strategies, batches of prompts, beam search."""
+"""decoding.py: the KV cache, sampling strategies, batches of prompts, beam search; tested against
+model.py's reference GPT.generate, which re-runs the whole context at every step."""
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from model import (GPT, GPTConfig, KVCache, beam_search, check_sampling, choose_next, decode_steps,
-                   generate_batch, penalize_repeats, top_k_filter, top_p_filter)
+from conftest import CountingForward
+from decoding import (KVCache, beam_search, check_sampling, choose_next, decode_steps, generate_batch,
+                      penalize_repeats, top_k_filter, top_p_filter)
+from model import GPT, GPTConfig
 
 FAMILIES = {
     "gpt2": dict(),
@@ -142,8 +145,10 @@ def test_top_k_1_and_top_p_near_0_sample_the_greedy_tokens():
     greedy = generate_batch(model, prompt, 20, temperature=0)
     assert generate_batch(model, prompt, 20, temperature=1.5, top_k=1) == greedy
     assert generate_batch(model, prompt, 20, temperature=1.5, top_p=1e-6) == greedy
-    # and the model's generate, whose signature predates them, agrees
-    assert model.generate(torch.tensor(prompt), 20, temperature=1.0, top_k=1)[0, 3:].tolist() == greedy[0]
+    # and the reference decoder, which re-runs the whole context, agrees (within one window: past
+    # block_size it crops at every step where the cache slides)
+    n = BLOCK - 3
+    assert model.generate(torch.tensor(prompt), n, temperature=1.0, top_k=1)[0, 3:].tolist() == greedy[0][:n]
 
 
 def test_top_p_keeps_the_smallest_set_reaching_p():
@@ -183,7 +188,7 @@ def test_a_row_ends_before_the_end_of_text_token_and_the_others_go_on():
     model = lively()
     free = generate_batch(model, [[1, 2], [7]], 10, temperature=0)
     eot = free[0][3]  # the 4th token row 0 generates
-    ended = generate_batch(model, [[1, 2], [7]], 10, temperature=0, eot_token=eot)
+    ended = generate_batch(model, [[1, 2], [7]], 10, temperature=0, stop_tokens=[eot])
     assert ended[0] == free[0][:free[0].index(eot)]
     first = free[1].index(eot) if eot in free[1] else 10
     assert ended[1] == free[1][:first]
@@ -198,18 +203,30 @@ def test_on_token_returning_true_ends_that_row():
     assert [t for r, t in seen if r == 1] == out[1]
 
 
-def test_generate_fills_rows_after_their_end_of_text_token():
+def test_a_row_ends_at_any_of_several_stop_tokens():
     model = lively()
-    idx = torch.tensor([[1, 2], [7, 7]])
-    free = model.generate(idx, 8, temperature=0)
-    eot = free[0, 4].item()
-    ended = model.generate(idx, 8, temperature=0, eot_token=eot)
-    for row in range(2):
-        hits = (free[row, 2:] == eot).nonzero()
-        if len(hits):
-            cut = 2 + hits[0].item()
-            assert torch.equal(ended[row, :cut + 1], free[row, :cut + 1])
-            assert (ended[row, cut:] == eot).all()
+    free = generate_batch(model, [[1, 2]], 12, temperature=0)[0]
+    first, second = free[6], free[3]  # whichever of them comes first ends the row
+    ended = generate_batch(model, [[1, 2]], 12, temperature=0, stop_tokens=(first, second))[0]
+    assert ended == free[:min(free.index(first), free.index(second))]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_kv_cache_decodes_the_tokens_of_the_reference_that_reruns_the_context(family):
+    model = lively(family)
+    prompt = torch.tensor([[3, 1, 4]])
+    n = 2 * BLOCK  # past block_size: the reference crops at every step, so compare within one window
+    reference = model.generate(prompt, BLOCK - 3, temperature=0)[0, 3:].tolist()
+    assert generate_batch(model, [[3, 1, 4]], BLOCK - 3, temperature=0)[0] == reference
+    assert len(generate_batch(model, [[3, 1, 4]], n, temperature=0)[0]) == n
+
+
+def test_one_cached_forward_per_new_token_after_the_prefill():
+    model = lively()
+    counter = CountingForward(model)
+    out = generate_batch(model, [[3, 1, 4], [5]], 10, temperature=0)
+    assert [len(t) for t in out] == [10, 10]
+    assert counter.lengths == [3] + [1] * 9  # the prompts once, then one position per token
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama_gqa"])
@@ -218,8 +235,8 @@ def test_beam_search_with_one_beam_is_greedy(family):
     greedy = generate_batch(model, [[3, 1]], 2 * BLOCK, temperature=0)[0]
     assert beam_search(model, [3, 1], 2 * BLOCK, beam_width=1)[0][0] == greedy
     eot = greedy[5]
-    greedy_eot = generate_batch(model, [[3, 1]], 2 * BLOCK, temperature=0, eot_token=eot)[0]
-    assert beam_search(model, [3, 1], 2 * BLOCK, beam_width=1, eot_token=eot)[0][0] == greedy_eot
+    greedy_eot = generate_batch(model, [[3, 1]], 2 * BLOCK, temperature=0, stop_tokens=[eot])[0]
+    assert beam_search(model, [3, 1], 2 * BLOCK, beam_width=1, stop_tokens=[eot])[0][0] == greedy_eot
 
 
 def myopic_bigram_model():
@@ -261,7 +278,7 @@ def test_beam_search_finds_a_likelier_sequence_than_myopic_greedy():
 
 def test_beam_search_ranks_by_length_normalized_score_and_drops_end_of_text():
     model = myopic_bigram_model()
-    ranked = beam_search(model, [0], 4, beam_width=3, length_penalty=1.0, eot_token=3)
+    ranked = beam_search(model, [0], 4, beam_width=3, length_penalty=1.0, stop_tokens=[3])
     lengths = [len(t) + (1 if len(t) < 4 else 0) for t, _ in ranked]  # finished ones count their eot
     scores = [s / n for (_, s), n in zip(ranked, lengths)]
     assert scores == sorted(scores, reverse=True)
@@ -280,7 +297,7 @@ def test_bad_sampling_settings_are_refused_by_name(kw, message):
     with pytest.raises(ValueError, match=message):
         check_sampling(**kw)
     with pytest.raises(ValueError, match=message):
-        lively().generate(torch.zeros(1, 1, dtype=torch.long), 3, **{"temperature": 1.0, **kw})
+        generate_batch(lively(), [[0]], 3, **{"temperature": 1.0, **kw})
 
 
 def test_beam_width_below_1_is_refused():

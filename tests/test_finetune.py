@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import tasks
-from conftest import SHARED, TINY_MODEL, read_metrics, run_script
+from conftest import SHARED, TINY_MODEL, CountingForward, one_line_error, read_metrics, run_main
 from model import GPT, GPTConfig
 from train import adapt_model
 
@@ -105,11 +105,10 @@ def test_lora_with_b_zero_leaves_outputs_unchanged_and_merged_equals_unmerged():
 
 def test_lora_trains_only_adapters_and_head_and_a_base_checkpoint_still_loads():
     base = tiny()
-    cfg = {"trainable": "lora", "trainable_blocks": 1, "n_classes": 2}
-    wanted = {"n_classes": 2, "lora_rank": 2, "lora_alpha": 4.0, "lora_dropout": 0.0,
-              "lora_targets": "attn.c_attn,mlp.c_fc"}
+    cfg = {"trainable": "lora", "trainable_blocks": 1, "lora_rank": 2, "lora_alpha": 4.0, "lora_dropout": 0.0,
+           "lora_targets": "attn.c_attn,mlp.c_fc"}
     model = tiny()
-    line = adapt_model(model, cfg, "classify", wanted)
+    line = adapt_model(model, cfg, "classify", n_classes=2)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all(".lora_" in n or n.startswith("cls_head.") for n in trainable)
     assert any("c_attn.lora_A" in n for n in trainable) and not any("c_proj.lora" in n for n in trainable)
@@ -120,8 +119,9 @@ def test_lora_trains_only_adapters_and_head_and_a_base_checkpoint_still_loads():
 
 def test_last_blocks_trains_the_top_blocks_final_norm_and_head_only():
     model = tiny(n_classes=2)
-    wanted = {"n_classes": 2, "lora_rank": 0, "lora_alpha": 16.0, "lora_dropout": 0.0, "lora_targets": "attn.c_attn"}
-    adapt_model(model, {"trainable": "last_blocks", "trainable_blocks": 1, "n_classes": 2}, "classify", wanted)
+    cfg = {"trainable": "last_blocks", "trainable_blocks": 1, "lora_rank": 0, "lora_alpha": 16.0, "lora_dropout": 0.0,
+           "lora_targets": "attn.c_attn"}
+    adapt_model(model, cfg, "classify", n_classes=2)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all(n.startswith(("transformer.h.1.", "transformer.ln_f.", "cls_head.")) for n in trainable)
     assert "cls_head.weight" in trainable and "transformer.wte.weight" not in trainable
@@ -205,16 +205,14 @@ def test_packing_puts_whole_examples_in_rows_and_masks_their_prompts(tmp_path):
 ])
 def test_bad_classification_input_ends_with_one_line(tmp_path, content, message):
     (tmp_path / "bad.tsv").write_text(content, encoding="utf-8")
-    proc = run_script("prepare.py", "--input", "bad.tsv", "--task", "classify", "--out", "d", cwd=tmp_path, check=False)
-    assert proc.returncode != 0 and message in proc.stderr
-    assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
+    one_line_error(run_main("prepare.py", "--input", "bad.tsv", "--task", "classify", "--out", "d", cwd=tmp_path,
+                            check=False), message)
 
 
 def test_instruction_data_needs_an_end_of_text_token(tmp_path):
     write_alpaca(tmp_path / "a.json", n=10)
-    proc = run_script("prepare.py", "--input", "a.json", "--task", "instruct", "--tokenizer", "char", "--out", "d",
-                      cwd=tmp_path, check=False)
-    assert proc.returncode != 0 and "end-of-text" in proc.stderr and "Traceback" not in proc.stderr
+    one_line_error(run_main("prepare.py", "--input", "a.json", "--task", "instruct", "--tokenizer", "char", "--out",
+                            "d", cwd=tmp_path, check=False), "end-of-text")
 
 
 # ------------------------------------------------------------------------------------------- runs
@@ -224,9 +222,9 @@ CLS_MODEL = [a for a in TINY_MODEL if not a.startswith("--dataset")] + ["--datas
 
 def test_a_classification_run_logs_val_and_test_metrics_and_sample_labels_text(tmp_path):
     write_sms(tmp_path / "sms.tsv", n=300)
-    run_script("prepare.py", "--input", "sms.tsv", "--task", "classify", "--max_length", "32", "--out", "data/sms",
+    run_main("prepare.py", "--input", "sms.tsv", "--task", "classify", "--max_length", "32", "--out", "data/sms",
                cwd=tmp_path)
-    run_script("train.py", *CLS_MODEL, "--out_dir=out", "--max_iters=40", "--eval_interval=20",
+    run_main("train.py", *CLS_MODEL, "--out_dir=out", "--max_iters=40", "--eval_interval=20",
                "--cls_lm_weight=0.5", "--class_weights=True", cwd=tmp_path)
     records = read_metrics(tmp_path / "out")
     evals = [r for r in records if "val/acc" in r]
@@ -234,54 +232,101 @@ def test_a_classification_run_logs_val_and_test_metrics_and_sample_labels_text(t
     assert all(k in evals[-1] for k in ("val/precision", "val/recall", "val/f1"))
     test = records[-1]
     assert test["iter"] == 40 and test["test/acc"] >= 0.9 and test["test/f1"] > 0.5  # an easy task
-    proc = run_script("sample.py", "--out_dir=out", "--start=win free prize cash claim now", "--device=cpu",
+    proc = run_main("sample.py", "--out_dir=out", "--start=win free prize cash claim now", "--device=cpu",
                       cwd=tmp_path)
     label, prob, text = proc.stdout.strip().split("\t")
     assert label == "spam" and 0.5 < float(prob) <= 1 and text == "win free prize cash claim now"
 
 
-@pytest.mark.slow
 def test_lora_run_saves_small_adapters_that_merge_into_the_base(tmp_path):
     write_sms(tmp_path / "sms.tsv", n=200)
-    run_script("prepare.py", "--input", "sms.tsv", "--task", "classify", "--max_length", "32", "--out", "data/sms",
+    run_main("prepare.py", "--input", "sms.tsv", "--task", "classify", "--max_length", "32", "--out", "data/sms",
                cwd=tmp_path)
-    run_script("prepare.py", "--input", "data/sms/train_text.txt", "--tokenizer_from", "data/sms", "--out",
+    run_main("prepare.py", "--input", "data/sms/train_text.txt", "--tokenizer_from", "data/sms", "--out",
                "data/smslm", cwd=tmp_path)
     lm = [a for a in CLS_MODEL if not a.startswith("--dataset")]
-    run_script("train.py", *lm, "--dataset=smslm", "--out_dir=base", "--max_iters=10", "--eval_interval=10",
+    run_main("train.py", *lm, "--dataset=smslm", "--out_dir=base", "--max_iters=10", "--eval_interval=10",
                cwd=tmp_path)
-    proc = run_script("train.py", *CLS_MODEL, "--out_dir=lora", "--init_from=base", "--max_iters=10",
+    proc = run_main("train.py", *CLS_MODEL, "--out_dir=lora", "--init_from=base", "--max_iters=10",
                       "--eval_interval=10", "--trainable=lora", "--lora_rank=2", cwd=tmp_path)
     assert "trainable=lora" in proc.stdout
     adapters = torch.load(tmp_path / "lora" / "adapters.pt", weights_only=True)
     assert all(".lora_" in k or k.startswith("cls_head.") for k in adapters["adapters"])
-    run_script("merge_lora.py", "lora", cwd=tmp_path)
+    run_main("merge_lora.py", "lora", cwd=tmp_path)
     merged = torch.load(tmp_path / "lora" / "merged.pt", weights_only=True)
     assert merged["model_config"]["lora_rank"] == 0 and not any(".lora_" in k for k in merged["model"])
-    a = run_script("sample.py", "--out_dir=lora", "--start=claim your prize", "--device=cpu", cwd=tmp_path)
-    b = run_script("sample.py", "--init_from=lora/merged.pt", "--start=claim your prize", "--device=cpu",
+    a = run_main("sample.py", "--out_dir=lora", "--start=claim your prize", "--device=cpu", "--dtype=float32",
+                 cwd=tmp_path)
+    b = run_main("sample.py", "--init_from=lora/merged.pt", "--start=claim your prize", "--device=cpu", "--dtype=float32",
                    cwd=tmp_path)
     assert a.stdout == b.stdout and a.stdout.count("\t") == 2
+    assert json.loads((tmp_path / "lora" / "merged.json").read_text())["model_config"]["lora_rank"] == 0
+    # a resumed LoRA run still names the checkpoint its adapters apply to
+    run_main("train.py", *CLS_MODEL, "--out_dir=lora", "--init_from=resume", "--max_iters=20", "--eval_interval=10",
+             "--trainable=lora", "--lora_rank=2", cwd=tmp_path)
+    resumed = torch.load(tmp_path / "lora" / "adapters.pt", weights_only=True)
+    assert resumed["base"] == adapters["base"] == str(tmp_path / "base" / "ckpt.pt")
+    one_line_error(run_main("merge_lora.py", "base", cwd=tmp_path, check=False), "no adapters at")
 
 
-def test_an_instruct_run_lowers_the_response_loss_and_answers_in_the_template(tmp_path):
-    write_alpaca(tmp_path / "a.json", n=60)
-    run_script("prepare.py", "--input", "a.json", "--task", "instruct", "--tokenizer", "bpe", "--vocab_size", "300",
-               "--val_fraction", "0.1", "--test_fraction", "0.1", "--out", "data/alp", cwd=tmp_path)
+@pytest.fixture(scope="module")
+def instruct_run(tmp_path_factory):
+    """A folder with data/alp (Alpaca-style records, a 300-token BPE) and out/, a tiny model trained on them."""
+    folder = tmp_path_factory.mktemp("instruct")
+    write_alpaca(folder / "a.json", n=60)
+    run_main("prepare.py", "--input", "a.json", "--task", "instruct", "--tokenizer", "bpe", "--vocab_size", "300",
+             "--val_fraction", "0.1", "--test_fraction", "0.1", "--out", "data/alp", cwd=folder)
     args = [a for a in TINY_MODEL if not a.startswith(("--dataset", "--block_size"))]
-    run_script("train.py", *args, "--dataset=alp", "--block_size=96", "--out_dir=out", "--max_iters=60",
-               "--eval_interval=30", "--pack=True", cwd=tmp_path)
-    evals = [r for r in read_metrics(tmp_path / "out") if "val/loss" in r]
+    run_main("train.py", *args, "--dataset=alp", "--block_size=96", "--out_dir=out", "--max_iters=60",
+             "--eval_interval=30", "--pack=True", cwd=folder)
+    return folder
+
+
+def test_an_instruct_run_lowers_the_response_loss_and_answers_in_the_template(instruct_run):
+    evals = [r for r in read_metrics(instruct_run / "out") if "val/loss" in r]
     assert evals[-1]["val/loss"] < evals[0]["val/loss"] - 1.0
-    proc = run_script("sample.py", "--out_dir=out", "--instruct", "--start=Repeat the word number 3.",
-                      "--temperature=0", "--num_samples=1", "--max_new_tokens=30", "--device=cpu", cwd=tmp_path)
-    assert "###" not in proc.stdout.split("---------------")[0]  # the answer only, not the template
-    report = run_script("sample.py", "--out_dir=out", "--instruct_eval=val", "--max_new_tokens=30", "--device=cpu",
-                        cwd=tmp_path)
-    assert "of answers stay in the template" in report.stdout
+    proc = run_main("sample.py", "--out_dir=out", "--instruct", "--start=Repeat the word number 3.",
+                    "--temperature=0", "--num_samples=1", "--max_new_tokens=30", "--device=cpu", cwd=instruct_run)
+    answer = proc.stdout.split("---------------")[0].strip()
+    assert answer and "###" not in answer and "Below is an instruction" not in answer  # the answer only
+    report = run_main("sample.py", "--out_dir=out", "--instruct_eval=val", "--max_new_tokens=30", "--device=cpu",
+                      cwd=instruct_run)
+    rate = report.stdout.strip().splitlines()[-1]
+    assert rate.startswith("val: ") and "of answers stay in the template" in rate
+    assert 0 <= float(rate.split()[1].rstrip("%")) <= 100
 
 
-@pytest.mark.slow
+def counted_model(monkeypatch):
+    """Makes sample.py's model count its forwards; returns the list the counter will be put in."""
+    import sample
+    counters, build = [], sample.model_from_checkpoint
+
+    def counting(ckpt):
+        model = build(ckpt)
+        counters.append(CountingForward(model))
+        return model
+
+    monkeypatch.setattr(sample, "model_from_checkpoint", counting)
+    return counters
+
+
+@pytest.mark.parametrize("mode", [["--instruct", "--start=Repeat the word number 3."], ["--interactive"],
+                                  ["--instruct_eval=val"]], ids=["instruct", "interactive", "instruct_eval"])
+def test_instruct_modes_decode_on_the_kv_cache_one_position_per_new_token(instruct_run, monkeypatch, mode):
+    counters = counted_model(monkeypatch)
+    result = run_main("sample.py", "--out_dir=out", *mode, "--temperature=0", "--num_samples=1",
+                      "--max_new_tokens=12", "--device=cpu", cwd=instruct_run,
+                      stdin="Repeat the word number 3.\nRepeat the word number 8.\n\n")
+    lengths = counters[0].lengths
+    prefills = [i for i, n in enumerate(lengths) if n > 1]  # one per answer (per batch with instruct_eval)
+    assert prefills and prefills[0] == 0 and all(lengths[i] > 40 for i in prefills)  # the template's prompt
+    assert lengths.count(1) == len(lengths) - len(prefills) > 0  # every other forward: one new position
+    generated = int(result.stderr.split(" tokens in ")[0])
+    assert len(lengths) <= generated + len(prefills)  # no forward beyond the tokens generated
+    if mode == ["--interactive"]:
+        assert len(prefills) == 2  # two instructions typed, then an empty line
+
+
 @pytest.mark.skipif(not (SHARED / "data" / "sms_spam" / "SMSSpamCollection").exists(), reason="no ../shared data")
 def test_the_real_spam_collection_prepares_with_its_header_dropped(tmp_path):
     meta, _ = tasks.prepare_task("classify", str(SHARED / "data" / "sms_spam" / "SMSSpamCollection"), "char",

@@ -9,12 +9,10 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from conftest import REPO, TINY_MODEL, read_metrics, run_script
+from conftest import REPO, TINY_MODEL, one_line_error, prepare_tiny, read_metrics, run_main
 
 pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
                                 reason="needs torch.distributed with the gloo backend")
-
-ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # tiny models on a shared machine: a second thread only spins
 # grad_clip is below the gradient's norm, so clipping (over sharded gradients) acts on every step;
 # lr_decay_iters is fixed so that a run stopped at 10 follows the schedule of the 20-iteration run;
 # 5 evaluation batches do not split evenly over 2 processes, yet each must run as many forwards
@@ -28,7 +26,7 @@ def torchrun(cwd, *args):
     """train.py in 2 processes on the CPU (gloo), as `torchrun --standalone --nproc_per_node=2` runs it."""
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                            str(REPO / "train.py"), *map(str, args)], cwd=cwd, capture_output=True, text=True,
-                          timeout=300, env={**os.environ, "PYTHONUNBUFFERED": "1", **ONE_THREAD})
+                          timeout=300, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     return proc
 
@@ -49,22 +47,22 @@ def runs(tmp_path_factory, corpus_text):
     """data/tiny and four runs: one/ (one process, no fsdp, 20 iterations), two/ (fsdp in 2 processes,
     stopped at 10), full/ (fsdp, dropout on, 20 iterations, keeping 2 checkpoints) and part/ (the same,
     stopped at 10)."""
-    root = tmp_path_factory.mktemp("fsdp")
-    (root / "input.txt").write_text(corpus_text, encoding="utf-8")
-    run_script("prepare.py", "--input", "input.txt", "--tokenizer", "char", "--out", "data/tiny", cwd=root)
-    run_script("train.py", *RUN, "--out_dir=one", cwd=root, env=ONE_THREAD)
+    root = prepare_tiny(tmp_path_factory.mktemp("fsdp"), corpus_text)
+    run_main("train.py", *RUN, "--out_dir=one", cwd=root)
     torchrun(root, *FSDP, "--out_dir=two", "--max_iters=10")
     torchrun(root, *FSDP, "--dropout=0.1", "--keep_checkpoints=2", "--out_dir=full")
     torchrun(root, *FSDP, "--dropout=0.1", "--keep_checkpoints=2", "--out_dir=part", "--max_iters=10")
     return root
 
 
+@pytest.mark.slow  # torchrun
 def test_two_fsdp_processes_log_the_losses_of_one_process(runs):
     one, two = curve(runs / "one"), curve(runs / "two")
     assert len(two) == 10 + 3 * 2  # a loss per iteration, train and val at 0, 5, 10
     assert_close(two, one[:len(two)])
 
 
+@pytest.mark.slow  # torchrun
 def test_the_checkpoint_is_sharded_one_file_per_process_and_ckpt_pt_names_its_folder(runs):
     from torch.distributed.checkpoint import FileSystemReader
     ckpt = torch.load(runs / "two" / "ckpt.pt", weights_only=True)
@@ -85,6 +83,7 @@ def test_the_checkpoint_is_sharded_one_file_per_process_and_ckpt_pt_names_its_fo
     assert [(c.offsets[0], c.sizes[0]) for c in wte.chunks] == [(0, 31), (31, 30)]  # 61 characters
 
 
+@pytest.mark.slow  # torchrun
 def test_keep_checkpoints_keeps_the_shard_folders_of_the_kept_checkpoints_only(runs):
     names = sorted(p.name for p in (runs / "full").iterdir() if p.name.startswith("ckpt"))
     assert names == ["ckpt-00000015.dcp", "ckpt-00000015.pt", "ckpt-00000020.dcp", "ckpt-00000020.pt",
@@ -93,6 +92,7 @@ def test_keep_checkpoints_keeps_the_shard_folders_of_the_kept_checkpoints_only(r
     assert [p.name for p in (runs / "two").glob("ckpt*.dcp*")] == ["ckpt-00000010.dcp"]  # keep_checkpoints=0
 
 
+@pytest.mark.slow  # torchrun
 def test_a_run_stopped_at_10_resumes_from_its_shards_with_the_uninterrupted_runs_losses(runs, tmp_path):
     shutil.copytree(runs / "data", tmp_path / "data")
     shutil.copytree(runs / "part", tmp_path / "part")
@@ -107,31 +107,63 @@ def test_a_run_stopped_at_10_resumes_from_its_shards_with_the_uninterrupted_runs
     assert not (tmp_path / "part" / "ckpt-00000015.dcp.tmp").exists()
 
 
+@pytest.mark.slow  # torchrun
 def test_a_sharded_checkpoint_resumes_in_one_process_too(runs, tmp_path):
     shutil.copytree(runs / "data", tmp_path / "data")
     shutil.copytree(runs / "two", tmp_path / "two")
-    run_script("train.py", *FSDP, "--out_dir=two", "--init_from=resume", cwd=tmp_path, env=ONE_THREAD)
+    run_main("train.py", *FSDP, "--out_dir=two", "--init_from=resume", cwd=tmp_path)
     assert_close(curve(tmp_path / "two"), curve(runs / "one"))  # the shards of 2 processes, read by 1
 
 
+@pytest.mark.slow  # torchrun
 def test_sample_reads_the_gathered_checkpoint(runs):
-    proc = run_script("sample.py", "--out_dir=two", "--start=To be", "--num_samples=1", "--max_new_tokens=20",
-                      "--device=cpu", cwd=runs, env=ONE_THREAD)
+    proc = run_main("sample.py", "--out_dir=two", "--start=To be", "--num_samples=1", "--max_new_tokens=20",
+                    "--device=cpu", cwd=runs)
     sample = proc.stdout.split("---------------")[0].strip()
     assert sample.startswith("To be") and len(sample) == len("To be") + 20  # one character per token
+
+
+@pytest.mark.slow  # torchrun
+def test_two_fsdp_processes_train_in_bfloat16_with_float32_weights_close_to_one_process(runs, tmp_path):
+    """Mixed precision: the blocks compute in bfloat16, the weights and their optimizer stay float32, and
+    gradients are reduced in float32 over gloo."""
+    shutil.copytree(runs / "data", tmp_path / "data")
+    bf16 = [*FSDP, "--dtype=bfloat16", "--max_iters=10"]
+    torchrun(tmp_path, *bf16, "--out_dir=bf16")
+    run_main("train.py", *bf16, "--out_dir=bf16_alone", cwd=tmp_path)
+    two, one = curve(tmp_path / "bf16"), curve(tmp_path / "bf16_alone")
+    assert_close(two, one, tol=0.02)  # two processes round differently in bfloat16
+    assert_close(two, curve(runs / "two"), tol=0.05)  # and stay near float32's losses
+    assert two[-1][2] < two[0][2]
+    ckpt = torch.load(tmp_path / "bf16" / "ckpt.pt", weights_only=True)
+    assert all(t.dtype == torch.float32 for t in ckpt["model"].values())
+    assert ckpt["config"]["dtype"] == "bfloat16"
+
+
+@pytest.fixture(scope="module")
+def alone(tmp_path_factory, corpus_text):
+    """data/tiny, one/ (10 iterations in one process) and sharded/ (the same with parallel=fsdp, a process
+    group of one), both run in this process."""
+    root = prepare_tiny(tmp_path_factory.mktemp("fsdp_alone"), corpus_text)
+    run_main("train.py", *RUN, "--out_dir=one", "--max_iters=10", cwd=root)
+    run_main("train.py", *FSDP, "--out_dir=sharded", "--max_iters=10", cwd=root)
+    return root
+
+
+def test_fsdp_in_one_process_logs_the_losses_of_plain_training_and_writes_a_sharded_checkpoint(alone):
+    assert_close(curve(alone / "sharded"), curve(alone / "one"))
+    ckpt = torch.load(alone / "sharded" / "ckpt.pt", weights_only=True)
+    assert ckpt["sharded"] == "ckpt-00000010.dcp" and (alone / "sharded" / "ckpt-00000010.dcp" / ".metadata").exists()
 
 
 @pytest.mark.parametrize("args, message", [
     (["--parallel=fsdp", "--optimizer=muon"], "optimizer=muon does not work with parallel=fsdp"),
     (["--parallel=fsdp", "--dtype=float16"], "parallel=fsdp trains in bfloat16 or float32"),
     (["--parallel=fsdpp"], "parallel='fsdpp' is not one of ddp, fsdp"),
-    (["--out_dir=two", "--init_from=resume"], "differs in parallel 'fsdp' -> 'ddp'"),
+    (["--out_dir=sharded", "--init_from=resume"], "differs in parallel 'fsdp' -> 'ddp'"),
 ])
-def test_a_refused_combination_ends_with_one_line_and_a_nonzero_exit(runs, tmp_path, args, message):
-    shutil.copytree(runs / "data", tmp_path / "data")
-    shutil.copytree(runs / "two", tmp_path / "two")
-    before = (tmp_path / "two" / "ckpt.pt").read_bytes()
-    proc = run_script("train.py", *RUN, "--out_dir=out", *args, cwd=tmp_path, env=ONE_THREAD, check=False)
-    assert proc.returncode == 2 and message in proc.stderr
-    assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
-    assert (tmp_path / "two" / "ckpt.pt").read_bytes() == before
+def test_a_refused_combination_ends_with_one_line_and_exit_code_2(alone, tmp_path, args, message):
+    shutil.copytree(alone, tmp_path / "w")
+    before = (tmp_path / "w" / "sharded" / "ckpt.pt").read_bytes()
+    one_line_error(run_main("train.py", *RUN, "--out_dir=out", *args, cwd=tmp_path / "w", check=False), message)
+    assert (tmp_path / "w" / "sharded" / "ckpt.pt").read_bytes() == before

@@ -9,12 +9,14 @@ import random
 import pytest
 import torch
 
-from conftest import REPO, run_script
+from conftest import REPO, TINY_MODEL, one_line_error, prepare_tiny, run_main
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("safetensors")
 import hf  # noqa: E402
+from common import UserError  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
+from tokenizer import hf_tokenizer  # noqa: E402
 
 
 def draw_gpt2(rng):
@@ -127,7 +129,7 @@ def test_unsupported_architectures_and_config_fields_are_refused(change, message
     base = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 10, "hidden_size": 8,
             "intermediate_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2, "max_position_embeddings": 64}
     hf.config_from_hf(base)  # the base is fine
-    with pytest.raises(hf.HFError, match=message):
+    with pytest.raises(UserError, match=message):
         hf.config_from_hf({**base, **change})
 
 
@@ -167,30 +169,31 @@ def test_export_then_transformers_gives_the_same_logits(name, tmp_path):
 
 def test_export_command_writes_a_folder_and_refuses_what_hf_cannot_hold(tmp_path):
     save_ours(OURS["llama-gqa-untied"], tmp_path / "ckpt.pt")
-    proc = run_script("hf.py", "export", "--ckpt", tmp_path / "ckpt.pt", "--out", tmp_path / "hf", cwd=tmp_path)
+    proc = run_main("hf.py", "export", "--ckpt", tmp_path / "ckpt.pt", "--out", tmp_path / "hf", cwd=tmp_path)
     assert "LlamaForCausalLM" in proc.stdout
     assert json.loads((tmp_path / "hf" / "config.json").read_text())["num_key_value_heads"] == 2
     for arch, message in [(dict(norm="rmsnorm"), "norm=rmsnorm with learned positions"),
                           (dict(OURS["llama-gqa-untied"], qk_norm=True), "qk_norm cannot be written"),
                           (dict(positions="rope"), "LLaMA needs rmsnorm and swiglu")]:
         save_ours(arch, tmp_path / "bad.pt")
-        proc = run_script("hf.py", "export", "--ckpt", tmp_path / "bad.pt", "--out", tmp_path / "bad", cwd=tmp_path,
-                          check=False)
-        assert proc.returncode != 0 and message in proc.stderr, proc.stderr
-        assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / "bad").exists()
+        one_line_error(run_main("hf.py", "export", "--ckpt", tmp_path / "bad.pt", "--out", tmp_path / "bad",
+                                cwd=tmp_path, check=False), message)
+        assert not (tmp_path / "bad").exists()
 
 
-def test_gpt2_from_the_hub_offline_fails_with_one_line(workdir, tmp_path):
-    env = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf_home")}
+def test_gpt2_from_the_hub_offline_fails_with_one_line(workdir, tmp_path, monkeypatch):
+    import huggingface_hub.constants
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf_cache"))
     for script, args in [("train.py", ["--dataset=tiny", "--max_iters=1"]), ("sample.py", [])]:
-        proc = run_script(script, "--init_from=gpt2", "--device=cpu", *args, cwd=workdir, env=env, check=False)
-        assert proc.returncode != 0
-        assert "could not download openai-community/gpt2" in proc.stderr and "init_from=PATH" in proc.stderr
-        assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+        result = run_main(script, "--init_from=gpt2", "--device=cpu", *args, cwd=workdir, check=False)
+        one_line_error(result, "could not download openai-community/gpt2")
+        assert "init_from=PATH" in result.stderr
 
 
-def gpt2_tokenizer_json(path):
-    """GPT-2's vocabulary written as a Hugging Face tokenizer.json (byte-level BPE), from the local files."""
+def gpt2_tokenizer_json(path, specials=("<|endoftext|>",)):
+    """GPT-2's vocabulary written as a Hugging Face tokenizer.json (byte-level BPE), from the local files,
+    with these special tokens (a new one takes the id after the vocabulary)."""
     tokenizers = pytest.importorskip("tokenizers")
     gpt2 = REPO.parent / "shared" / "data" / "gpt2"
     if not gpt2.exists():
@@ -198,18 +201,19 @@ def gpt2_tokenizer_json(path):
     tok = tokenizers.Tokenizer(tokenizers.models.BPE.from_file(str(gpt2 / "encoder.json"), str(gpt2 / "vocab.bpe")))
     tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = tokenizers.decoders.ByteLevel()
-    tok.add_special_tokens(["<|endoftext|>"])
+    tok.add_special_tokens(list(specials))
+    path.parent.mkdir(parents=True, exist_ok=True)
     tok.save(str(path))
     return tok
 
 
 def test_a_byte_level_tokenizer_json_encodes_as_the_tokenizers_library_does(tmp_path, tiktoken_cache, corpus_text):
     theirs = gpt2_tokenizer_json(tmp_path / "tokenizer.json")
-    ours = hf.hf_tokenizer({"file": str(tmp_path / "tokenizer.json")})
+    ours = hf_tokenizer({"file": str(tmp_path / "tokenizer.json")})
     text = corpus_text[:5000] + " naïve café 日本語 1234567 \n\n  x"
     assert ours.encode(text) == theirs.encode(text).ids
     assert ours.decode(ours.encode(text)) == text and ours.vocab_size == 50257
-    assert ours.eot_token == 50256
+    assert ours.eot_token == ours.bos_token == 50256 and ours.stop_tokens == (50256,)
 
 
 def test_a_tiktoken_tokenizer_model_file_reads_with_llama3_specials(tmp_path, tiktoken_cache):
@@ -218,22 +222,22 @@ def test_a_tiktoken_tokenizer_model_file_reads_with_llama3_specials(tmp_path, ti
     enc = tiktoken.get_encoding("gpt2")
     lines = [f"{base64.b64encode(enc.decode_single_token_bytes(i)).decode()} {i}" for i in range(50256)]
     (tmp_path / "tokenizer.model").write_text("\n".join(lines) + "\n")
-    tok = hf.hf_tokenizer({"file": str(tmp_path / "tokenizer.model")})
+    tok = hf_tokenizer({"file": str(tmp_path / "tokenizer.model")})
     text = "To be, or not to be: that is the question.\n"
     assert tok.decode(tok.encode(text)) == text
-    assert tok.vocab_size == 50256 + 256 and tok.eot_token == 50256  # <|begin_of_text|> follows the ranks
+    assert tok.vocab_size == 50256 + 256
+    # the specials follow the ranks: <|begin_of_text|> starts a prompt; generation stops at <|end_of_text|>
+    # and at the end of a turn, <|eot_id|>
+    assert tok.bos_token == 50256 and tok.stop_tokens == (50257, 50256 + 9) and tok.eot_token == 50257
     (tmp_path / "sp.model").write_bytes(b"\x0a\x0b\x00binary sentencepiece")
-    from tokenizer import TokenizerError
-    with pytest.raises(TokenizerError, match="not a tiktoken BPE file"):
-        hf.hf_tokenizer({"file": str(tmp_path / "sp.model")})
+    with pytest.raises(UserError, match="not a tiktoken BPE file"):
+        hf_tokenizer({"file": str(tmp_path / "sp.model")})
 
 
 @pytest.fixture
 def gpt2_data(tmp_path, corpus_text, tiktoken_cache):
     """data/g: the corpus tokenized with GPT-2's BPE (50,257 tokens)."""
-    (tmp_path / "input.txt").write_text(corpus_text[:30000], encoding="utf-8")
-    run_script("prepare.py", "--input", "input.txt", "--tokenizer", "gpt2", "--out", "data/g", cwd=tmp_path)
-    return tmp_path
+    return prepare_tiny(tmp_path, corpus_text[:30000], "gpt2", name="g")
 
 
 FINETUNE = ["--dataset=g", "--block_size=32", "--batch_size=4", "--device=cpu", "--eval_iters=2",
@@ -241,56 +245,93 @@ FINETUNE = ["--dataset=g", "--block_size=32", "--batch_size=4", "--device=cpu", 
             "--dropout=0.0"]
 
 
+@pytest.mark.slow
 def test_train_fine_tunes_an_hf_llama_folder_and_sample_reads_both(gpt2_data):
     work = gpt2_data
     config = transformers.LlamaConfig(vocab_size=50257, hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
                                       intermediate_size=64, num_hidden_layers=2, max_position_embeddings=64,
                                       rope_theta=500000.0, tie_word_embeddings=False, bos_token_id=0, eos_token_id=0)
     hf_folder(config, work / "llama")
-    run_script("train.py", "--init_from=llama", "--out_dir=tuned", *FINETUNE, cwd=work)
+    run_main("train.py", "--init_from=llama", "--out_dir=tuned", *FINETUNE, cwd=work)
     evals = [json.loads(line) for line in open(work / "tuned" / "metrics.jsonl") if "val/loss" in line]
     assert evals[-1]["val/loss"] < evals[0]["val/loss"]  # fine-tuning moved the imported weights
     ckpt = torch.load(work / "tuned" / "ckpt.pt", weights_only=True)
     assert ckpt["model_config"]["n_kv_head"] == 2 and ckpt["model_config"]["block_size"] == 32
-    proc = run_script("sample.py", "--out_dir=tuned", "--start=ROMEO:", "--num_samples=1", "--max_new_tokens=5",
-                      cwd=work)
+    proc = run_main("sample.py", "--out_dir=tuned", "--start=ROMEO:", "--num_samples=1", "--max_new_tokens=5",
+                    cwd=work)
     assert proc.stdout.startswith("ROMEO:")
     # straight from the folder: its tokenizer is needed, and missing it is one clear line
-    proc = run_script("sample.py", "--init_from=llama", "--num_samples=1", "--max_new_tokens=5", cwd=work, check=False)
-    assert proc.returncode != 0 and "no tokenizer.json or tokenizer.model" in proc.stderr
-    assert len(proc.stderr.strip().splitlines()) == 1
+    one_line_error(run_main("sample.py", "--init_from=llama", "--num_samples=1", "--max_new_tokens=5", cwd=work,
+                            check=False), "no tokenizer.json or tokenizer.model")
     gpt2_tokenizer_json(work / "llama" / "tokenizer.json")
-    proc = run_script("sample.py", "--init_from=llama", "--start=ROMEO:", "--num_samples=1", "--max_new_tokens=5",
-                      cwd=work)
+    proc = run_main("sample.py", "--init_from=llama", "--start=ROMEO:", "--num_samples=1", "--max_new_tokens=5",
+                    cwd=work)
     assert proc.stdout.startswith("ROMEO:")
 
 
-def test_train_fine_tunes_an_hf_gpt2_folder_and_refuses_a_vocabulary_mismatch(gpt2_data, workdir):
+@pytest.mark.slow
+def test_train_fine_tunes_an_hf_gpt2_folder_and_sample_reads_it_with_gpt2s_tokenizer(gpt2_data):
     work = gpt2_data
     config = transformers.GPT2Config(vocab_size=50257, n_positions=64, n_layer=1, n_head=2, n_embd=32)
     hf_folder(config, work / "gpt2-tiny")
-    run_script("train.py", "--init_from=gpt2-tiny", "--out_dir=tuned", *FINETUNE, cwd=work)
+    run_main("train.py", "--init_from=gpt2-tiny", "--out_dir=tuned", *FINETUNE, cwd=work)
     evals = [json.loads(line) for line in open(work / "tuned" / "metrics.jsonl") if "val/loss" in line]
     assert evals[-1]["val/loss"] < evals[0]["val/loss"]
     # a GPT-2-sized vocabulary without tokenizer files samples with GPT-2's tokenizer
-    proc = run_script("sample.py", "--init_from=gpt2-tiny", "--start=KING", "--num_samples=1", "--max_new_tokens=5",
-                      cwd=work)
+    proc = run_main("sample.py", "--init_from=gpt2-tiny", "--start=KING", "--num_samples=1", "--max_new_tokens=5",
+                    cwd=work)
     assert proc.stdout.startswith("KING")
-    proc = run_script("train.py", f"--init_from={work / 'gpt2-tiny'}", "--dataset=tiny", "--max_iters=1",
-                      "--device=cpu", cwd=workdir, check=False)
-    assert proc.returncode != 0 and "vocabulary has 50257 tokens" in proc.stderr
-    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_fine_tuning_an_hf_folder_on_another_vocabulary_is_refused_in_one_line(workdir):
+    hf_folder(transformers.GPT2Config(vocab_size=50, n_positions=32, n_layer=1, n_head=2, n_embd=16), workdir / "hf")
+    one_line_error(run_main("train.py", *TINY_MODEL, "--init_from=hf", "--max_iters=1", cwd=workdir, check=False),
+                   "the checkpoint's vocabulary has 50 tokens but dataset 'tiny' has")
 
 
 def test_import_command_writes_a_checkpoint_that_sample_reads(tmp_path, tiktoken_cache):
     config = transformers.GPT2Config(vocab_size=50257, n_positions=32, n_layer=1, n_head=2, n_embd=16)
     hf_folder(config, tmp_path / "hf")
-    run_script("hf.py", "import", "--src", tmp_path / "hf", "--out", tmp_path / "out", cwd=tmp_path)
+    run_main("hf.py", "import", "--src", tmp_path / "hf", "--out", tmp_path / "out", cwd=tmp_path)
     ckpt = torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)
     assert ckpt["tokenizer"] == {"kind": "gpt2"} and ckpt["model_config"]["mlp"] == "gelu_tanh"
-    proc = run_script("sample.py", "--out_dir=out", "--start=KING", "--num_samples=1", "--max_new_tokens=3",
-                      cwd=tmp_path)
+    proc = run_main("sample.py", "--out_dir=out", "--start=KING", "--num_samples=1", "--max_new_tokens=3",
+                    cwd=tmp_path)
     assert proc.stdout.startswith("KING")
-    proc = run_script("hf.py", "import", "--src", tmp_path / "nowhere", "--out", tmp_path / "x", cwd=tmp_path,
-                      check=False)
-    assert proc.returncode != 0 and "neither a folder with config.json" in proc.stderr
+    one_line_error(run_main("hf.py", "import", "--src", tmp_path / "nowhere", "--out", tmp_path / "x", cwd=tmp_path,
+                            check=False), "neither a folder with config.json")
+
+
+def llama3_style_folder(path):
+    """A tiny LlamaForCausalLM with a Llama-3-style tokenizer.json (GPT-2's byte-level BPE, then the specials
+    <|begin_of_text|> and <|end_of_text|> after the vocabulary, named bos and eos in config.json), whose
+    greedy text reaches <|end_of_text|> within a few tokens: the head scores three tokens, the rest 0."""
+    tok = gpt2_tokenizer_json(path / "tokenizer.json", specials=["<|begin_of_text|>", "<|end_of_text|>"])
+    bos, eos = tok.token_to_id("<|begin_of_text|>"), tok.token_to_id("<|end_of_text|>")
+    config = transformers.LlamaConfig(vocab_size=tok.get_vocab_size(), hidden_size=32, num_attention_heads=4,
+                                      num_key_value_heads=2, intermediate_size=64, num_hidden_layers=2,
+                                      max_position_embeddings=64, tie_word_embeddings=False, bos_token_id=bos,
+                                      eos_token_id=eos)
+    model = randomize(transformers.AutoModelForCausalLM.from_config(config), seed=3)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        model.lm_head.weight.zero_()
+        for t in (eos, tok.token_to_id("Ġthe"), tok.token_to_id("Ġking")):
+            model.lm_head.weight[t] = torch.randn(32, generator=g)
+    model.save_pretrained(path)
+    return model, tok, eos
+
+
+def test_an_imported_llama_samples_until_end_of_text_as_transformers_generates(tmp_path, tiktoken_cache):
+    model, tok, eos = llama3_style_folder(tmp_path / "llama")
+    prompt = "ROMEO: the king"
+    ids = tok.encode(prompt).ids
+    theirs = model.generate(torch.tensor([ids]), max_new_tokens=30, do_sample=False,
+                            attention_mask=torch.ones(1, len(ids), dtype=torch.long))[0, len(ids):].tolist()
+    assert eos in theirs and theirs.index(eos) < 29  # transformers stopped at <|end_of_text|>
+    result = run_main("sample.py", "--init_from=llama", f"--start={prompt}", "--temperature=0", "--num_samples=1",
+                      "--max_new_tokens=30", "--device=cpu", "--dtype=float32", cwd=tmp_path)
+    assert result.stdout.split("---------------")[0] == prompt + tok.decode(theirs[:theirs.index(eos)]) + "\n"
+    assert result.stderr.startswith(f"{theirs.index(eos)} tokens in ")
+    ours = hf_tokenizer(hf.find_tokenizer(tmp_path / "llama", {}))
+    assert ours.bos_token == tok.token_to_id("<|begin_of_text|>") and ours.stop_tokens == (eos,)

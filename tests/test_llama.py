@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from conftest import REPO, TINY_MODEL, run_script
+from conftest import REPO, TINY_MODEL, run_main
 from configurator import read_config_file
 from model import GPT, GPTConfig, apply_rope, norm, rope_cos_sin, rope_inv_freq
 
@@ -103,11 +103,11 @@ def test_llama_cpu_config_has_the_parameter_count_of_the_gpt2_cpu_config():
 
 
 def test_llama_config_trains_and_sample_reads_its_checkpoint(workdir):
-    run_script("train.py", REPO / "config/train_shakespeare_char_llama.py", *TINY_MODEL, "--n_kv_head=1",
+    run_main("train.py", REPO / "config/train_shakespeare_char_llama.py", *TINY_MODEL, "--n_kv_head=1",
                "--mlp_hidden=64", "--out_dir=out", "--max_iters=30", "--eval_interval=15", cwd=workdir)
     ckpt = torch.load(workdir / "out" / "ckpt.pt", weights_only=True)
     assert ckpt["model_config"]["positions"] == "rope" and ckpt["model_config"]["n_kv_head"] == 1
     assert ckpt["best_val_loss"] < math.log(ckpt["model_config"]["vocab_size"]) - 0.5
-    proc = run_script("sample.py", "--out_dir=out", "--start=ROMEO:", "--num_samples=1", "--max_new_tokens=80",
+    proc = run_main("sample.py", "--out_dir=out", "--start=ROMEO:", "--num_samples=1", "--max_new_tokens=80",
                       "--device=cpu", cwd=workdir)  # 80 tokens: past block_size 32, so the context slides
     assert proc.stdout.startswith("ROMEO:") and len(proc.stdout.split("---------------")[0]) > 80

@@ -1,4 +1,4 @@
-"""model.py: attention paths, causality, shapes, presets, generation."""
+"""model.py: attention paths, causality, shapes, presets, the reference generate."""
 import pytest
 import torch
 
@@ -73,17 +73,32 @@ def test_tied_embeddings_share_one_matrix_and_untied_do_not():
     assert untied.get_num_params() == tied.get_num_params() + 61 * 32
 
 
-def test_gpt2_preset_has_124m_parameters():
-    with torch.device("meta"):
-        model = GPT(preset_config("gpt2"))
-    # 124,439,808 with the position table, as OpenAI's checkpoint
-    assert model.get_num_params(non_embedding=False) == 124_439_808
+# the parameter counts of the published models (Hugging Face's num_parameters of OpenAI's and Meta's checkpoints)
+PUBLISHED = {"gpt2": 124_439_808, "gpt2-medium": 354_823_168, "gpt2-large": 774_030_080, "gpt2-xl": 1_557_611_200,
+             "llama3.2-1b": 1_235_814_400, "llama3.2-3b": 3_212_749_824}
 
 
-def test_every_preset_builds():
+@pytest.mark.parametrize("name", PUBLISHED)
+def test_each_published_preset_has_the_parameter_count_of_its_checkpoint(name):
     with torch.device("meta"):
-        for name in PRESETS:
-            assert GPT(preset_config(name)).get_num_params() > 0
+        model = GPT(preset_config(name))
+    assert model.get_num_params(non_embedding=False) == PUBLISHED[name]
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_each_preset_has_the_parameter_count_transformers_gives_the_same_shape(name):
+    transformers = pytest.importorskip("transformers")
+    c = preset_config(name)
+    with torch.device("meta"):
+        ours = GPT(c).get_num_params(non_embedding=False)
+        if c.positions == "learned":
+            theirs = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+                n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd, vocab_size=c.vocab_size, n_positions=c.block_size))
+        else:
+            theirs = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+                vocab_size=c.vocab_size, hidden_size=c.n_embd, intermediate_size=c.mlp_hidden, num_hidden_layers=c.n_layer,
+                num_attention_heads=c.n_head, num_key_value_heads=c.n_kv_head, tie_word_embeddings=c.tie_embeddings))
+    assert ours == sum(p.numel() for p in theirs.parameters())
 
 
 def test_bad_config_is_refused_with_the_key_named():
@@ -130,3 +145,8 @@ def test_mfu_is_achieved_flops_over_peak():
     model = tiny()
     flops = model.flops_per_token() * 1000  # 1000 tokens in 1 s
     assert model.estimate_mfu(1000, 1.0, flops * 2) == pytest.approx(0.5)
+
+
+def test_from_dict_leaves_out_unknown_keys_and_defaults_missing_ones():
+    config = GPTConfig.from_dict({"n_layer": 3, "n_head": 2, "n_embd": 16, "a_future_key": 1})
+    assert config.n_layer == 3 and config.norm == "layernorm" and not hasattr(config, "a_future_key")

@@ -1,21 +1,49 @@
 """plot.py: a PNG of the loss curves of one run or several."""
+import json
+
 import pytest
 
-from conftest import TINY_MODEL, run_script
+from conftest import TINY_MODEL, one_line_error, run_main
 
 pytest.importorskip("matplotlib")
 
 
-def test_plot_writes_a_png_for_one_run_and_for_several(workdir):
+def write_metrics(folder, scale):
+    """A metrics.jsonl as train.py writes it: a log line every 10 iterations, an evaluation every 50."""
+    folder.mkdir()
+    with open(folder / "metrics.jsonl", "w") as f:
+        for it in range(0, 201, 10):
+            f.write(json.dumps({"iter": it, "tokens": it * 256, "loss": scale * 4 / (1 + it / 50), "lr": 1e-3}) + "\n")
+            if it % 50 == 0:
+                f.write(json.dumps({"iter": it, "tokens": it * 256, "train/loss": scale * 4 / (1 + it / 50),
+                                    "val/loss": scale * 4.1 / (1 + it / 50), "elapsed_s": it / 10}) + "\n")
+
+
+def is_png(path):
+    data = path.read_bytes()
+    return data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 20_000
+
+
+def test_plot_writes_a_png_for_one_run_and_for_several(tmp_path):
+    write_metrics(tmp_path / "a", 1.0)
+    write_metrics(tmp_path / "b", 0.8)
+    run_main("plot.py", "a", cwd=tmp_path)
+    run_main("plot.py", "a", "b", "--labels=first,second", "--out=both.png", cwd=tmp_path)
+    assert is_png(tmp_path / "a" / "loss.png") and is_png(tmp_path / "both.png")
+
+
+@pytest.mark.slow
+def test_plot_draws_two_trained_runs(workdir):
     for name in ("a", "b"):
-        run_script("train.py", *TINY_MODEL, f"--out_dir={name}", "--max_iters=10", "--eval_interval=5", cwd=workdir)
-    run_script("plot.py", "a", cwd=workdir)
-    run_script("plot.py", "a", "b", "--labels=first,second", "--out=both.png", cwd=workdir)
-    for png in (workdir / "a" / "loss.png", workdir / "both.png"):
-        data = png.read_bytes()
-        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 20_000
+        run_main("train.py", *TINY_MODEL, f"--out_dir={name}", "--max_iters=10", "--eval_interval=5", cwd=workdir)
+    run_main("plot.py", "a", "b", "--labels=first,second", "--out=both.png", cwd=workdir)
+    assert is_png(workdir / "both.png")
 
 
 def test_plot_of_a_folder_without_metrics_is_one_line(tmp_path):
-    proc = run_script("plot.py", "nothing_here", cwd=tmp_path, check=False)
-    assert proc.returncode == 1 and "metrics.jsonl" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    one_line_error(run_main("plot.py", "nothing_here", cwd=tmp_path, check=False), "metrics.jsonl")
+
+
+def test_plot_with_a_label_per_run_missing_is_one_line(tmp_path):
+    write_metrics(tmp_path / "a", 1.0)
+    one_line_error(run_main("plot.py", "a", "--labels=x,y", cwd=tmp_path, check=False), "2 labels for 1 runs")

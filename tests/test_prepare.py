@@ -3,7 +3,7 @@
 import pytest
 
 import prepare
-from conftest import decode_splits, read_split, run_script
+from conftest import decode_splits, read_split, run_main
 from tokenizer import load_tokenizer
 
 
@@ -80,14 +80,14 @@ def test_a_vocabulary_over_65536_symbols_is_stored_as_uint32(tmp_path):
 def test_bad_input_is_one_line_and_a_nonzero_exit(tmp_path, content, message):
     if content is not None:
         (tmp_path / "in.txt").write_bytes(content)
-    proc = run_script("prepare.py", "--input", "in.txt", "--out", "data/x", cwd=tmp_path, check=False)
+    proc = run_main("prepare.py", "--input", "in.txt", "--out", "data/x", cwd=tmp_path, check=False)
     assert proc.returncode != 0
     assert message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "data" / "x" / "meta.json").exists()
 
 
 def test_known_corpus_offline_names_the_input_flag(tmp_path):
-    proc = run_script("prepare.py", "shakespeare_char", cwd=tmp_path, check=False,
+    proc = run_main("prepare.py", "shakespeare_char", cwd=tmp_path, check=False,
                       env={"http_proxy": "http://127.0.0.1:9", "https_proxy": "http://127.0.0.1:9"})
     if proc.returncode == 0:
         pytest.skip("the network is reachable here")

@@ -11,7 +11,8 @@ import pytest
 
 import prepare
 import tokenizer
-from conftest import REPO, TINY_MODEL, decode_splits, read_split, run_script
+from common import run_cli
+from conftest import REPO, TINY_MODEL, decode_splits, read_split, run_main
 from tokenizer import GPT2_PATTERN, GPT4_PATTERN, _compile, _count_chunks, load_bpe, load_tokenizer
 
 HAN = [chr(c) for c in range(0x4E00, 0x4E00 + 3000)]
@@ -130,7 +131,7 @@ def test_jsonl_documents_go_whole_to_train_or_val(tmp_path):
 
 
 def decode_splits_of(tmp_path, name, tokenizer, *args):
-    run_script("prepare.py", "--input", name, "--tokenizer", tokenizer, "--out", "out", *args, cwd=tmp_path)
+    run_main("prepare.py", "--input", name, "--tokenizer", tokenizer, "--out", "out", *args, cwd=tmp_path)
     return decode_splits(tmp_path / "out")
 
 
@@ -138,15 +139,15 @@ def test_a_jsonl_field_is_chosen_with_text_field_and_a_missing_one_is_one_line(t
     write_jsonl(tmp_path / "docs.jsonl", [f"doc {i}\n" for i in range(30)], field="content")
     train, val, _ = decode_splits_of(tmp_path, "docs.jsonl", "char", "--text_field", "content")
     assert val == "doc 9\ndoc 19\ndoc 29\n"
-    proc = run_script("prepare.py", "--input", "docs.jsonl", "--out", "x", cwd=tmp_path, check=False)
-    assert proc.returncode == 1 and "line 1 has no text field 'text'" in proc.stderr
+    proc = run_main("prepare.py", "--input", "docs.jsonl", "--out", "x", cwd=tmp_path, check=False)
+    assert proc.returncode == 2 and "line 1 has no text field 'text'" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / "x").exists()
 
 
 def test_a_broken_jsonl_line_names_the_file_and_line(tmp_path):
     (tmp_path / "docs.jsonl").write_text('{"text": "a"}\n\n{"text": "b"\n', encoding="utf-8")
-    proc = run_script("prepare.py", "--input", "docs.jsonl", "--out", "x", cwd=tmp_path, check=False)
-    assert proc.returncode == 1 and "docs.jsonl line 3 is not a JSON object" in proc.stderr
+    proc = run_main("prepare.py", "--input", "docs.jsonl", "--out", "x", cwd=tmp_path, check=False)
+    assert proc.returncode == 2 and "docs.jsonl line 3 is not a JSON object" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
 
 
@@ -160,10 +161,9 @@ def test_a_folder_of_jsonl_files_reads_them_in_name_order(tmp_path):
 
 # ----------------------------------------------------------------------------- BPE trained here, reused tokenizers
 
-@pytest.mark.slow
 def test_bpe_prepare_then_train_then_sample_end_to_end(tmp_path, corpus_text):
     (tmp_path / "input.txt").write_text(corpus_text, encoding="utf-8")
-    proc = run_script("prepare.py", "--input", "input.txt", "--tokenizer", "bpe", "--vocab_size", "512",
+    proc = run_main("prepare.py", "--input", "input.txt", "--tokenizer", "bpe", "--vocab_size", "512",
                       "--out", "data/tiny", cwd=tmp_path)
     assert "trained a 512-token BPE" in proc.stdout
     meta = json.loads((tmp_path / "data" / "tiny" / "meta.json").read_text())
@@ -171,12 +171,12 @@ def test_bpe_prepare_then_train_then_sample_end_to_end(tmp_path, corpus_text):
     assert load_bpe(tmp_path / "data" / "tiny" / "tokenizer.json").n_vocab == 512
     train, val, _ = decode_splits(tmp_path / "data" / "tiny")
     assert (train + val).replace("<|endoftext|>", "") == corpus_text
-    run_script("train.py", *TINY_MODEL, "--out_dir=out", "--max_iters=5", "--eval_interval=5", cwd=tmp_path)
+    run_main("train.py", *TINY_MODEL, "--out_dir=out", "--max_iters=5", "--eval_interval=5", cwd=tmp_path)
     (tmp_path / "elsewhere").mkdir()  # sample.py finds the tokenizer through the checkpoint, from anywhere
-    proc = run_script("sample.py", f"--out_dir={tmp_path / 'out'}", "--start=ROMEO:", "--num_samples=1",
+    proc = run_main("sample.py", f"--out_dir={tmp_path / 'out'}", "--start=ROMEO:", "--num_samples=1",
                       "--max_new_tokens=10", "--device=cpu", cwd=tmp_path / "elsewhere")
     assert proc.stdout.startswith("ROMEO:") and len(proc.stdout) > len("ROMEO:\n---------------\n")
-    proc = run_script("tokenizer.py", "--data", "data/tiny", "--text", "To be, or not", cwd=tmp_path)
+    proc = run_main("tokenizer.py", "--data", "data/tiny", "--text", "To be, or not", cwd=tmp_path)
     tok = load_tokenizer(meta["tokenizer"], str(tmp_path / "data" / "tiny"))
     printed = [int(line.split()[0]) for line in proc.stdout.splitlines()[:-1]]
     assert printed == tok.encode("To be, or not") and len(printed) < len("To be, or not")
@@ -196,7 +196,7 @@ def test_tokenizer_cli_shows_the_tokens_of_a_prepared_bpe_folder(tmp_path, corpu
     (tmp_path / "in.txt").write_text(corpus_text[:30_000], encoding="utf-8")
     meta = prepare.prepare(str(tmp_path / "in.txt"), "bpe", str(tmp_path / "out"), vocab_size=300)
     capsys.readouterr()
-    assert tokenizer.main(["--data", str(tmp_path / "out"), "--text", "the king"]) == 0
+    assert run_cli(tokenizer.main, ["--data", str(tmp_path / "out"), "--text", "the king"]) == 0
     printed = [int(line.split()[0]) for line in capsys.readouterr().out.splitlines()[:-1]]
     assert printed == load_tokenizer(meta["tokenizer"], str(tmp_path / "out")).encode("the king")
     assert len(printed) < len("the king")
@@ -225,9 +225,9 @@ def test_bpe_training_keeps_only_the_most_frequent_chunks_when_capped():
 def test_tokenizer_from_reuses_a_bpe_vocabulary(tmp_path, corpus_text):
     (tmp_path / "base.txt").write_text(corpus_text[:30_000], encoding="utf-8")
     (tmp_path / "new.txt").write_text(corpus_text[30_000:40_000], encoding="utf-8")
-    run_script("prepare.py", "--input", "base.txt", "--tokenizer", "bpe", "--vocab_size", "300", "--out", "base",
+    run_main("prepare.py", "--input", "base.txt", "--tokenizer", "bpe", "--vocab_size", "300", "--out", "base",
                cwd=tmp_path)
-    run_script("prepare.py", "--input", "new.txt", "--tokenizer_from", "base", "--out", "new", cwd=tmp_path)
+    run_main("prepare.py", "--input", "new.txt", "--tokenizer_from", "base", "--out", "new", cwd=tmp_path)
     assert (tmp_path / "new" / "tokenizer.json").read_bytes() == (tmp_path / "base" / "tokenizer.json").read_bytes()
     base_meta, new_meta = (json.loads((tmp_path / d / "meta.json").read_text()) for d in ("base", "new"))
     assert new_meta["tokenizer"] == base_meta["tokenizer"] and new_meta["vocab_size"] == 300
@@ -241,19 +241,19 @@ def test_tokenizer_from_a_char_dataset_keeps_its_alphabet_and_names_unknown_char
     (tmp_path / "base.txt").write_text("abc abc\n" * 50, encoding="utf-8")
     (tmp_path / "ok.txt").write_text("cab\n" * 50, encoding="utf-8")
     (tmp_path / "bad.txt").write_text("cab\n" * 50 + "xyz\n", encoding="utf-8")
-    run_script("prepare.py", "--input", "base.txt", "--out", "base", cwd=tmp_path)
-    run_script("prepare.py", "--input", "ok.txt", "--tokenizer_from", "base", "--out", "ok", cwd=tmp_path)
+    run_main("prepare.py", "--input", "base.txt", "--out", "base", cwd=tmp_path)
+    run_main("prepare.py", "--input", "ok.txt", "--tokenizer_from", "base", "--out", "ok", cwd=tmp_path)
     assert json.loads((tmp_path / "ok" / "meta.json").read_text())["tokenizer"]["chars"] == "\n abc"
-    proc = run_script("prepare.py", "--input", "bad.txt", "--tokenizer_from", "base", "--out", "bad",
+    proc = run_main("prepare.py", "--input", "bad.txt", "--tokenizer_from", "base", "--out", "bad",
                       cwd=tmp_path, check=False)
-    assert proc.returncode == 1 and "'x', 'y', 'z'" in proc.stderr
+    assert proc.returncode == 2 and "'x', 'y', 'z'" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / "bad").exists()
 
 
 def test_tokenizer_from_a_folder_without_a_dataset_is_one_line(tmp_path):
     (tmp_path / "in.txt").write_text("abc\n" * 50, encoding="utf-8")
-    proc = run_script("prepare.py", "--input", "in.txt", "--tokenizer_from", "nowhere", cwd=tmp_path, check=False)
-    assert proc.returncode == 1 and "nowhere" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    proc = run_main("prepare.py", "--input", "in.txt", "--tokenizer_from", "nowhere", cwd=tmp_path, check=False)
+    assert proc.returncode == 2 and "nowhere" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
 
 
 # ----------------------------------------------------------------------------- Chinese
@@ -286,7 +286,7 @@ def test_progress_reports_megabytes_per_second_on_stderr(capsys):
 
 def test_a_short_run_prints_no_progress(tmp_path):
     (tmp_path / "in.txt").write_text("abc\n" * 50, encoding="utf-8")
-    proc = run_script("prepare.py", "--input", "in.txt", "--out", "out", cwd=tmp_path)
+    proc = run_main("prepare.py", "--input", "in.txt", "--out", "out", cwd=tmp_path)
     assert proc.stderr == "" and "MB/s" in proc.stdout
 
 
@@ -308,8 +308,8 @@ def test_a_hugging_face_corpus_is_streamed_and_split_by_document(tmp_path, monke
 
 @pytest.mark.parametrize("name", ["openwebtext", "fineweb-edu"])
 def test_a_hugging_face_corpus_offline_is_one_line(tmp_path, tiktoken_cache, name):
-    proc = run_script("prepare.py", name, cwd=tmp_path, check=False, env={"HF_HUB_OFFLINE": "1"})
-    assert proc.returncode == 1 and len(proc.stderr.strip().splitlines()) == 1
+    proc = run_main("prepare.py", name, cwd=tmp_path, check=False, env={"HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
     assert "pip install datasets" in proc.stderr or "--input" in proc.stderr
     assert not (tmp_path / "data" / name).exists()
 
@@ -322,5 +322,5 @@ def test_a_hugging_face_corpus_offline_is_one_line(tmp_path, tiktoken_cache, nam
 ])
 def test_bad_options_are_one_line(tmp_path, args, message):
     (tmp_path / "in.txt").write_text("abc\n" * 50, encoding="utf-8")
-    proc = run_script("prepare.py", "--input", "in.txt", *args, cwd=tmp_path, check=False)
-    assert proc.returncode == 1 and message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    proc = run_main("prepare.py", "--input", "in.txt", *args, cwd=tmp_path, check=False)
+    assert proc.returncode == 2 and message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1

@@ -16,10 +16,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from anywhere: tokenizer.py lives in the repo root
 
 from tokenizer import (  # noqa: E402
-    GPT2_PATTERN, PATTERNS, CharTokenizer, StreamDecoder, TokenizerError, _compile, _merge_word,
+    GPT2_PATTERN, PATTERNS, CharTokenizer, StreamDecoder, _compile, _merge_word,
     bpe_tokenizer, bpe_tokenizer_from_file, gpt2_tokenizer, load_bpe, load_tokenizer, main,
     reference_encode, save_bpe, train_bpe,
 )
+from common import UserError, run_cli  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 SHAKESPEARE = SHARED / "data" / "tinyshakespeare" / "input.txt"
@@ -171,9 +172,9 @@ def test_small_corpus_gives_a_smaller_vocabulary_without_holes():
 
 
 def test_bad_settings_raise_tokenizer_error():
-    with pytest.raises(TokenizerError):
+    with pytest.raises(UserError):
         train_bpe(["abc"], 256)  # no room for the special token
-    with pytest.raises(TokenizerError):
+    with pytest.raises(UserError):
         train_bpe(["abc"], 300, pattern="gpt3")
 
 
@@ -252,15 +253,15 @@ def test_save_load_round_trip_and_load_tokenizer_from_meta(mixed_bpe, tmp_path):
 def test_broken_tokenizer_file_raises_tokenizer_error(tmp_path):
     path = tmp_path / "tokenizer.json"
     path.write_text("{}")
-    with pytest.raises(TokenizerError):
+    with pytest.raises(UserError):
         load_bpe(path)
     save_bpe(path, train_bpe(["abab"], 300))
     data = json.loads(path.read_text())
     data["merges"][1] = [999, 97, 257]
     path.write_text(json.dumps(data))
-    with pytest.raises(TokenizerError):
+    with pytest.raises(UserError):
         load_bpe(path)
-    with pytest.raises(TokenizerError):
+    with pytest.raises(UserError):
         load_bpe(tmp_path / "missing.json")
 
 
@@ -279,7 +280,7 @@ def test_char_tokenizer_handles_thousands_of_cjk_symbols():
 
 def test_char_tokenizer_raises_tokenizer_error_on_unknown_characters():
     tok = CharTokenizer.from_text("hello")
-    with pytest.raises(TokenizerError, match="'z'"):
+    with pytest.raises(UserError, match="'z'"):
         tok.encode("hazel")
 
 
@@ -326,7 +327,7 @@ def test_cli_prints_each_piece_and_id(mixed_bpe, tmp_path, capsys):
     save_bpe(tmp_path / "tokenizer.json", mixed_bpe)
     meta = {"tokenizer": {"kind": "bpe", "file": "tokenizer.json"}}
     (tmp_path / "meta.json").write_text(json.dumps(meta))
-    assert main(["--data", str(tmp_path), "--text", "To be"]) == 0
+    assert run_cli(main, ["--data", str(tmp_path), "--text", "To be"]) == 0
     out = capsys.readouterr().out
     ids = bpe_tokenizer(mixed_bpe).encode("To be")
     for token in ids:
@@ -334,17 +335,15 @@ def test_cli_prints_each_piece_and_id(mixed_bpe, tmp_path, capsys):
     assert f"{len(ids)} tokens, 5 bytes" in out
     corpus = tmp_path / "corpus.txt"
     corpus.write_text(MIXED, encoding="utf-8")
-    assert main(["--file", str(tmp_path / "tokenizer.json"), "--corpus", str(corpus)]) == 0
+    assert run_cli(main, ["--file", str(tmp_path / "tokenizer.json"), "--corpus", str(corpus)]) == 0
     assert "bytes/token" in capsys.readouterr().out
 
 
-def test_cli_errors_are_one_line_with_exit_code_1(tmp_path, capsys):
+def test_cli_errors_are_one_line_with_exit_code_2(tmp_path, capsys):
     (tmp_path / "meta.json").write_text(json.dumps({"tokenizer": {"kind": "char", "chars": "ab"}}))
-    assert main(["--data", str(tmp_path), "--text", "abc"]) == 1  # 'c' is not in the alphabet
-    assert main(["--data", str(tmp_path / "missing"), "--text", "a"]) == 1
-    assert main(["--tokenizer", "bpe", "--data", str(tmp_path), "--text", "a"]) == 1  # not char
-    with pytest.raises(SystemExit) as stop:
-        main(["--no_such_option"])
-    assert stop.value.code == 1
+    assert run_cli(main, ["--data", str(tmp_path), "--text", "abc"]) == 2  # 'c' is not in the alphabet
+    assert run_cli(main, ["--data", str(tmp_path / "missing"), "--text", "a"]) == 2
+    assert run_cli(main, ["--tokenizer", "bpe", "--data", str(tmp_path), "--text", "a"]) == 2  # not char
+    assert run_cli(main, ["--no_such_option"]) == 2
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 4 and all(line.startswith("error: ") for line in err)

@@ -1,0 +1,143 @@
+"""
+What every script shares: the one-line error, the command-line wrapper that prints it, files written
+whole or not at all, and a dataset folder's meta.json.
+
+Design choices:
+- One exception for the user's mistakes, UserError: bad settings, bad data, a missing file. Its
+  message says what is wrong and what to do. run_cli prints it as one line on stderr and exits 2;
+  --debug (in any script) shows the traceback instead. Anything else is a bug and keeps its traceback.
+- Files are written beside their final name, flushed to disk and renamed into place, so a crash
+  leaves the old file or the new one (write_json_atomic, replace_durably).
+- meta.json is read in one place (read_meta) with one style of error, and written in one
+  (write_meta); token_dtype is the one rule for how token ids are stored (uint16 when they fit).
+This module imports nothing of the repository's: every other module may import it.
+"""
+import argparse
+import json
+import os
+import sys
+
+import numpy as np
+
+
+class UserError(Exception):
+    """A problem with the user's input or settings; shown as one line (what is wrong, what to do)."""
+
+
+def first_line(e):
+    """An exception's message cut to its first line (or its type's name), for a one-line error."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def wants_debug(argv):
+    return any(a == "--debug" or a.lower() == "--debug=true" for a in argv)
+
+
+def run_cli(main, argv=None, interrupted="interrupted"):
+    """main(argv) with the user's errors as one line and exit code 2 (--debug: the traceback).
+    Returns the exit code: main's own (None is 0), 2 on a UserError, 130 on Ctrl-C."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        code = main(argv)
+    except UserError as e:
+        if wants_debug(argv):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(interrupted, file=sys.stderr)
+        return 130
+    return code or 0
+
+
+class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """argparse help where every option shows its default, once."""
+
+    def _get_help_string(self, action):
+        if "default" in (action.help or "") or action.default is argparse.SUPPRESS:
+            return action.help
+        return super()._get_help_string(action)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse for the scripts that take options (prepare.py, plot.py, ...): defaults in --help,
+    --debug, and a bad option as one line with exit code 2, like every other error."""
+
+    def __init__(self, **kw):
+        super().__init__(formatter_class=DefaultsHelpFormatter, **kw)
+        self.add_argument("--debug", action="store_true", help="on an error, show the traceback instead of one line")
+
+    def error(self, message):
+        raise UserError(message)
+
+
+# -----------------------------------------------------------------------------------------------
+# files written whole or not at all
+
+def remove_quietly(path):
+    try:
+        os.remove(path)
+    except OSError:
+        pass
+
+
+def fsync_dir(path):
+    """Make a rename in this folder durable; not every system can open a folder."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def replace_durably(write, path):
+    """write(f) into a temporary file beside path, flush it to disk, then rename it to path."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        remove_quietly(tmp)
+        raise
+    fsync_dir(os.path.dirname(os.path.abspath(path)))
+
+
+def write_json_atomic(path, obj):
+    replace_durably(lambda f: f.write(json.dumps(obj, indent=1, ensure_ascii=False).encode("utf-8")), path)
+
+
+# -----------------------------------------------------------------------------------------------
+# a dataset folder's meta.json
+
+def token_dtype(vocab_size):
+    """How token ids are stored: uint16 when the vocabulary fits, else uint32."""
+    return np.uint16 if vocab_size <= 1 << 16 else np.uint32
+
+
+def read_meta(data_dir):
+    """The meta.json of a dataset folder made by prepare.py, or a UserError saying what to do."""
+    path = os.path.join(data_dir, "meta.json")
+    if not os.path.isfile(path):
+        what = "has no meta.json" if os.path.isdir(data_dir) else "does not exist"
+        raise UserError(f"dataset folder {data_dir} {what}; build it with prepare.py")
+    try:
+        with open(path, encoding="utf-8") as f:
+            meta = json.load(f)
+    except (ValueError, OSError) as e:
+        raise UserError(f"{path} is not readable JSON ({type(e).__name__}); re-run prepare.py") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("tokenizer"), dict):
+        raise UserError(f"{path} has no \"tokenizer\" entry; re-run prepare.py")
+    return meta
+
+
+def write_meta(out_dir, meta):
+    write_json_atomic(os.path.join(out_dir, "meta.json"), meta)

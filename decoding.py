@@ -1,0 +1,334 @@
+"""
+Decoding: turning a model's next-token logits into text, fast. Every generation in the repository
+goes through here (sample.py, the instruction helpers of tasks.py, train.py's --bench); the one
+exception is GPT.generate in model.py, the plain reference that re-runs the whole context and
+against which this file is tested.
+
+Design choices:
+- Token ids only: no tokenizer is imported. Where a tokenizer matters, the caller says so in ids
+  (stop_tokens) or in a callback that sees each new token (on_token: streaming, stop strings).
+- KVCache keeps each layer's keys and values, so a new token costs one position's work instead of
+  a forward over the whole context. Grouped-query models store only their kv heads.
+- Rows of a batch may be left-padded to a common length: each row's positions count from its first
+  real token and padding is masked out as keys, so a row decodes the same in a batch as alone.
+- Decoder owns the cache and the window: past block_size a row slides to its last `keep` tokens and
+  the cache is refilled (what learned position tables need; one prefill per block_size - keep tokens).
+- Sampling strategies are small functions on logits (B, V): temperature, top-k, top-p, CTRL's
+  repetition penalty, greedy at temperature 0. Beam search ranks by length-normalised log-probability.
+"""
+import torch
+import torch.nn.functional as F
+
+
+# ----------------------------------------------------------------------------------------------
+# KV cache: keys and values of the tokens already seen
+
+class KVCache:
+    """Per-layer key/value buffers (B, n_kv_head, max_len, head_dim), filled left to right.
+    Row b's first pad[b] slots are padding: masked out as keys, and its positions count from its
+    first real token, so a padded row computes what it would alone. The model reads positions(T),
+    attn_mask(T), layer(i) and length, and calls advance(T) after a forward."""
+
+    def __init__(self, n_layer, max_len, pad):
+        self.max_len = max_len
+        self.length = 0  # slots filled, the same in every row
+        self.pad = pad  # (B,) long: leading padding slots of each row
+        self.padded = bool(pad.any())  # checked once, not at every step (a device sync on GPUs)
+        self.k = [None] * n_layer  # allocated on first use, in the dtype the model computes in
+        self.v = [None] * n_layer
+
+    @classmethod
+    def for_model(cls, model, batch_size=1, pad=None):
+        device = next(model.parameters()).device
+        if pad is None:
+            pad = torch.zeros(batch_size, dtype=torch.long, device=device)
+        return cls(model.config.n_layer, model.config.block_size, pad)
+
+    def positions(self, T):
+        """Positions of the next T tokens, (B, T); padding slots get position 0."""
+        slots = torch.arange(self.length, self.length + T, device=self.pad.device)  # (T,)
+        return (slots[None, :] - self.pad[:, None]).clamp(min=0)
+
+    def attn_mask(self, T):
+        """(B, 1, T, S) bool, True where the next T queries may look; None where causal is enough."""
+        if not self.padded and (T == 1 or self.length == 0):
+            return None
+        S = self.length + T
+        q_slot = torch.arange(self.length, S, device=self.pad.device)[:, None]  # (T, 1)
+        k_slot = torch.arange(S, device=self.pad.device)[None, :]  # (1, S)
+        real = k_slot >= self.pad[:, None, None]  # (B, 1, S)
+        # a padding query looks at itself only, so its softmax has a term and stays finite
+        return ((k_slot <= q_slot) & real | (k_slot == q_slot))[:, None]  # (B, 1, T, S)
+
+    def layer(self, i):
+        return _LayerCache(self, i)
+
+    def update(self, i, k, v):
+        """Write layer i's k, v (B, Hkv, T, d) after the filled slots; all of them, (B, Hkv, S, d)."""
+        end = self.length + k.size(2)
+        if end > self.max_len:
+            raise ValueError(f"KV cache overflow: {end} tokens > max_len {self.max_len}")
+        if self.k[i] is None:
+            shape = (k.size(0), k.size(1), self.max_len, k.size(3))
+            self.k[i] = torch.empty(shape, dtype=k.dtype, device=k.device)
+            self.v[i] = torch.empty(shape, dtype=v.dtype, device=v.device)
+        self.k[i][:, :, self.length:end] = k
+        self.v[i][:, :, self.length:end] = v
+        return self.k[i][:, :, :end], self.v[i][:, :, :end]
+
+    def advance(self, T):
+        self.length += T
+
+    def reorder(self, index):
+        """Keep rows index (N,) in that order, e.g. the parents of the surviving beams."""
+        self.pad = self.pad.index_select(0, index)
+        self.k = [None if k is None else k.index_select(0, index) for k in self.k]
+        self.v = [None if v is None else v.index_select(0, index) for v in self.v]
+
+
+class _LayerCache:
+    """One layer's view of a KVCache: what CausalSelfAttention needs."""
+
+    def __init__(self, cache, i):
+        self.cache, self.i = cache, i
+
+    def update(self, k, v):
+        return self.cache.update(self.i, k, v)
+
+
+# ----------------------------------------------------------------------------------------------
+# Strategies: small functions on logits (B, V)
+
+def check_sampling(temperature=1.0, top_k=None, top_p=None, repetition_penalty=1.0):
+    """ValueError for settings that select no token or are meaningless."""
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0 (0 is greedy), got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be >= 1 (None keeps all tokens), got {top_k}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1] (None or 1 keeps all tokens), got {top_p}")
+    if repetition_penalty <= 0:
+        raise ValueError(f"repetition_penalty must be > 0 (1 is off), got {repetition_penalty}")
+
+
+def penalize_repeats(logits, seen, penalty):
+    """CTRL's repetition penalty: logits (B, V) of tokens seen (B, V bool) are divided by penalty
+    when positive and multiplied when negative, so penalty > 1 always lowers them."""
+    penalized = torch.where(logits > 0, logits / penalty, logits * penalty)
+    return torch.where(seen, penalized, logits)
+
+
+def top_k_filter(logits, k):
+    """-inf for all but the k largest logits of each row (ties at the k-th are kept)."""
+    if k >= logits.size(-1):
+        return logits
+    kth = torch.topk(logits, k, dim=-1).values[:, -1:]  # (B, 1)
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def top_p_filter(logits, p):
+    """-inf outside the nucleus: the most likely tokens, in order, until their probability
+    reaches p. The most likely token always stays, so p -> 0 is greedy."""
+    if p >= 1:
+        return logits
+    sorted_logits, order = logits.sort(dim=-1, descending=True)  # (B, V)
+    probs = sorted_logits.softmax(dim=-1)
+    mass_before = probs.cumsum(dim=-1) - probs  # probability of the tokens ranked above
+    drop = (mass_before >= p).scatter(-1, order, mass_before >= p)  # back to vocabulary order
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def choose_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
+    """The next token of each row, (B,), from logits (B, V): argmax at temperature 0, else a
+    sample from the tempered distribution restricted by top_k and top_p."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k is not None:
+        logits = top_k_filter(logits, top_k)
+    if top_p is not None:
+        logits = top_p_filter(logits, top_p)
+    probs = F.softmax(logits, dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=generator)[:, 0]
+
+
+# ----------------------------------------------------------------------------------------------
+# Feeding a model token by token
+
+def left_pad(prompts, device=None):
+    """Prompts of different lengths as one batch: idx (B, N) right-aligned, with pad (B,) the
+    number of leading filler slots of each row (filled with token 0, never attended to)."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+    n = max(len(p) for p in prompts)
+    idx = torch.tensor([[0] * (n - len(p)) + list(p) for p in prompts], dtype=torch.long, device=device)
+    pad = torch.tensor([n - len(p) for p in prompts], dtype=torch.long, device=device)
+    return idx, pad
+
+
+class Decoder:
+    """Next-token logits of a growing batch of sequences: push(tokens) appends one token per
+    row, .logits (B, V) are the predictions after the last one.
+
+    With the cache, the prompt is prefilled once and each push runs the model on one token.
+    Without it (use_cache=False) each push re-runs the whole window: slower, same numbers.
+    The window: each row sees at most block_size of its tokens. When a push would take a row
+    past that, its window slides to its last `keep` tokens (block_size // 2 by default) and the
+    cache is refilled, positions counted from 0 again: re-encoding is what learned position
+    tables need (absolute positions shift), and it costs one prefill per block_size - keep
+    tokens. Rows slide on their own schedule (each is left-padded to the longest window at a
+    refill), so a row decodes the same in a batch as alone. keep = block_size - 1 reproduces
+    a window cropped at every step, as nanoGPT's generate does."""
+
+    def __init__(self, model, idx, pad=None, use_cache=True, keep=None):
+        self.model, self.use_cache = model, use_cache
+        self.block_size = model.config.block_size
+        self.keep = keep or self.block_size // 2
+        if not 0 < self.keep < self.block_size:
+            raise ValueError(f"keep must be in [1, block_size), got {self.keep}")
+        self.seq = idx  # (B, N): every token so far, left-padded
+        pads = [0] * idx.size(0) if pad is None else pad.tolist()
+        # first slot of seq in each row's window; a Python list, so checks need no device sync
+        self.start = [max(p, idx.size(1) - self.block_size) for p in pads]
+        self.logits = self._refill()
+
+    def _refill(self):
+        """A fresh cache over the windows, left-padded to the longest; the logits after them."""
+        first = min(self.start)
+        window_pad = torch.tensor([s - first for s in self.start], dtype=torch.long, device=self.seq.device)
+        self.cache = KVCache.for_model(self.model, pad=window_pad)
+        logits, _ = self.model(self.seq[:, first:], cache=self.cache)
+        return logits[:, -1, :]  # (B, V)
+
+    def push(self, tokens):
+        """Append tokens (B,) and compute the logits that follow them."""
+        self.seq = torch.cat((self.seq, tokens[:, None]), dim=1)
+        n = self.seq.size(1)
+        full = [row for row, s in enumerate(self.start) if n - s > self.block_size]
+        for row in full:
+            self.start[row] = n - self.keep
+        if full or not self.use_cache:
+            self.logits = self._refill()
+        else:
+            logits, _ = self.model(tokens[:, None], cache=self.cache)
+            self.logits = logits[:, -1, :]
+
+    def reorder(self, index):
+        """Keep rows index (N,) in that order (beam search)."""
+        self.seq = self.seq.index_select(0, index)
+        self.start = [self.start[i] for i in index.tolist()]
+        self.logits = self.logits.index_select(0, index)
+        self.cache.reorder(index)
+
+
+# ----------------------------------------------------------------------------------------------
+# The loops: sampling steps, batches of prompts with stop tokens, beam search
+
+@torch.no_grad()
+def decode_steps(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, repetition_penalty=1.0,
+                 pad=None, generator=None, use_cache=True):
+    """Yields (tokens (B,), logits (B, V)) for each of max_new_tokens steps: the chosen tokens
+    and the model's raw logits they were chosen from. idx (B, N) is left-padded by pad (B,).
+    The model runs only when the next step is asked for, so a caller that stops early costs nothing more."""
+    check_sampling(temperature, top_k, top_p, repetition_penalty)
+    if max_new_tokens < 1:
+        return
+    decoder = Decoder(model, idx, pad, use_cache)
+    seen = None
+    if repetition_penalty != 1.0:  # which tokens each row holds, padding excluded: (B, V)
+        seen = torch.zeros(idx.size(0), model.config.vocab_size, dtype=torch.bool, device=idx.device)
+        pad = torch.zeros(idx.size(0), dtype=torch.long, device=idx.device) if pad is None else pad
+        real = torch.arange(idx.size(1), device=idx.device)[None, :] >= pad[:, None]  # (B, N)
+        seen.scatter_(1, idx, real)
+    for step in range(max_new_tokens):
+        logits = decoder.logits.float()
+        scored = logits if seen is None else penalize_repeats(logits, seen, repetition_penalty)
+        tokens = choose_next(scored, temperature, top_k, top_p, generator)  # (B,)
+        yield tokens, logits
+        if seen is not None:
+            seen[torch.arange(tokens.size(0), device=tokens.device), tokens] = True
+        if step + 1 < max_new_tokens:
+            decoder.push(tokens)
+
+
+@torch.no_grad()
+def generate_batch(model, prompts, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
+                   repetition_penalty=1.0, stop_tokens=(), on_token=None, generator=None, use_cache=True):
+    """Several prompts (lists of token ids, any lengths) decoded together in one left-padded
+    batch. Returns the new tokens of each prompt, a list of lists. A row ends before any of
+    stop_tokens (not included), or after a token for which on_token(row, token) returns True:
+    that callback sees every new token of every unfinished row in order, the hook for
+    streaming output and stop strings. For num_samples samples of a prompt, repeat it."""
+    device = next(model.parameters()).device
+    stop = set(stop_tokens)
+    idx, pad = left_pad(prompts, device)
+    out = [[] for _ in prompts]
+    live = set(range(len(prompts)))
+    steps = decode_steps(model, idx, max_new_tokens, temperature, top_k, top_p, repetition_penalty,
+                         pad=pad, generator=generator, use_cache=use_cache)
+    for tokens, _ in steps:
+        for row, token in enumerate(tokens.tolist()):
+            if row not in live:
+                continue
+            if token in stop:
+                live.discard(row)
+                continue
+            out[row].append(token)
+            if on_token is not None and on_token(row, token):
+                live.discard(row)
+        if not live:
+            break
+    return out
+
+
+def normalized_score(logprob, length, length_penalty):
+    """Beam ranking: total log-probability over length ** length_penalty (0: the plain total;
+    1: the mean per token, so longer hypotheses are not penalised just for being longer)."""
+    return logprob / max(length, 1) ** length_penalty
+
+
+@torch.no_grad()
+def beam_search(model, prompt, max_new_tokens, beam_width, length_penalty=1.0, stop_tokens=(), use_cache=True):
+    """Keeps the beam_width best partial continuations of prompt (a list of ids) by total
+    log-probability, extending each by every token at every step. A candidate ending in one of
+    stop_tokens is finished (the stop token counts in its length but is not returned); search ends
+    once beam_width hypotheses are finished, or after max_new_tokens, when the live beams compete
+    too. Returns [(tokens, total log-probability)], best first by normalized_score."""
+    if beam_width < 1:
+        raise ValueError(f"beam_width must be >= 1, got {beam_width}")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    stop = set(stop_tokens)
+    device = next(model.parameters()).device
+    decoder = Decoder(model, torch.tensor([list(prompt)], dtype=torch.long, device=device), use_cache=use_cache)
+    beams, scores = [[]], torch.zeros(1, device=device)  # live beams' new tokens and log-probs (K,)
+    finished = []  # (tokens, total log-prob)
+    for step in range(max_new_tokens):
+        logprobs = F.log_softmax(decoder.logits.float(), dim=-1)  # (K, V)
+        vocab = logprobs.size(-1)
+        totals = (scores[:, None] + logprobs).view(-1)  # (K * V,)
+        # 2K candidates leave K live ones even if K of them end in a stop token
+        top = torch.topk(totals, min(2 * beam_width, totals.numel()))
+        parents, tokens, new_beams, new_scores = [], [], [], []
+        for total, flat in zip(top.values.tolist(), top.indices.tolist()):
+            parent, token = divmod(flat, vocab)
+            if token in stop:
+                finished.append((beams[parent], total))
+                continue
+            parents.append(parent)
+            tokens.append(token)
+            new_beams.append(beams[parent] + [token])
+            new_scores.append(total)
+            if len(new_beams) == beam_width:
+                break
+        beams = new_beams
+        if len(finished) >= beam_width or step + 1 == max_new_tokens or not beams:
+            break
+        decoder.reorder(torch.tensor(parents, dtype=torch.long, device=device))
+        decoder.push(torch.tensor(tokens, dtype=torch.long, device=device))
+        scores = torch.tensor(new_scores, device=device)
+    candidates = [(t, s, len(t) + 1) for t, s in finished]  # (tokens, log-prob, length)
+    if len(finished) < beam_width:  # the length limit ended the search: live beams count too
+        candidates += [(t, s, len(t)) for t, s in zip(beams, new_scores)]
+    ranked = sorted(candidates, key=lambda c: normalized_score(c[1], c[2], length_penalty), reverse=True)
+    return [(tokens, total) for tokens, total, _ in ranked]
