@@ -22,7 +22,7 @@ import sys
 import tempfile
 import time
 
-from common import ArgumentParser, UserError, run_cli
+from common import ArgumentParser, UserError, description, run_cli
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 EVAL_LINE = re.compile(r"^step (\d+): train loss ([\d.]+), val loss ([\d.]+)")  # train.py's and nanoGPT's
@@ -190,7 +190,7 @@ def print_table(table, repeat):
 
 
 def main(argv):
-    p = ArgumentParser(prog="bench.py", description=__doc__.split("\n\n")[0].strip(),
+    p = ArgumentParser(prog="bench.py", description=description(__doc__),
                        epilog="Any other arguments (config files, --key=value) go to train.py.")
     p.add_argument("--target", type=float, default=None, help="time a full run to this val loss instead "
                    "(the speedrun suite: 1.88)")

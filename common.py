@@ -10,6 +10,9 @@ Design choices:
   leaves the old file or the new one (write_json_atomic, replace_durably).
 - meta.json is read in one place (read_meta) with one style of error, and written in one
   (write_meta); token_dtype is the one rule for how token ids are stored (uint16 when they fit).
+- A folder that a run writes into is held by it (hold_folder): an advisory lock that the kernel
+  releases when the process ends, however it ends, so a second run is refused and a killed one never
+  blocks the next.
 This module imports nothing of the repository's: every other module may import it.
 """
 import argparse
@@ -49,6 +52,11 @@ def run_cli(main, argv=None, interrupted="interrupted"):
         print(interrupted, file=sys.stderr)
         return 130
     return code or 0
+
+
+def description(doc):
+    """A script's --help description: the first paragraph of its docstring, as one line."""
+    return " ".join(doc.strip().split("\n\n")[0].split())
 
 
 class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -111,8 +119,44 @@ def replace_durably(write, path):
     fsync_dir(os.path.dirname(os.path.abspath(path)))
 
 
+def make_folder(path, what):
+    """os.makedirs, with a refusal (path is a file, under a file, not writable) as one line naming `what`."""
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot make {what} {path} ({e.strerror or first_line(e)}); pass a folder you can "
+                        f"write to") from None
+
+
 def write_json_atomic(path, obj):
     replace_durably(lambda f: f.write(json.dumps(obj, indent=1, ensure_ascii=False).encode("utf-8")), path)
+
+
+LOCK_FILE = "run.lock"
+
+
+def hold_folder(path, holder):
+    """Lock folder path for this process (path/run.lock, flock); returns the open lock file, whose
+    closing releases it (so does the process's end). holder is written into the lock file, to name this
+    run to a second one, which gets a UserError. Systems without flock (Windows) lock nothing."""
+    try:
+        import fcntl
+    except ImportError:
+        return None
+    f = open(os.path.join(path, LOCK_FILE), "a+", encoding="utf-8")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        other = f.read().strip() or "another process"
+        f.close()
+        raise UserError(f"{path} is in use by another run ({other}); wait for it to end, or train into another "
+                        f"--out_dir") from None
+    f.seek(0)
+    f.truncate()
+    f.write(holder + "\n")
+    f.flush()
+    return f
 
 
 # -----------------------------------------------------------------------------------------------

@@ -55,6 +55,8 @@ def check_value(key, value, typ):
     elif typ is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
+        if isinstance(value, float) and value.is_integer():  # 1e3 is a whole number, written short
+            return int(value)
     elif typ is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
@@ -71,10 +73,13 @@ def unknown_key(key, known):
     return UserError(f"unknown config key {key!r}{hint}")
 
 
-def read_config_file(path):
-    """The keys a config file assigns: its top-level names that are plain values."""
+def read_config_file(path, known=()):
+    """The keys a config file assigns: its top-level names that are plain values. known: the keys a
+    setting could be, to say so when path looks like one written without its dashes."""
     if not os.path.isfile(path):
-        raise UserError(f"config file {path} not found")
+        key = path.partition("=")[0]
+        hint = f"; to set {key}, write --{path}" if "=" in path and key in known else ""
+        raise UserError(f"config file {path} not found{hint}")
     namespace = {}
     try:
         with open(path, encoding="utf-8") as f:
@@ -123,9 +128,10 @@ def parse_args(argv, classes, prog, description):
         if arg.startswith("--"):
             key, eq, text = arg[2:].partition("=")
             if not eq:  # --key value, or a bare --flag for a boolean key
-                if key in defaults and defaults[key][1] is bool and (i + 1 == len(args) or args[i + 1].startswith("--")):
+                has_value = i + 1 < len(args) and not args[i + 1].startswith("--")
+                if key in defaults and defaults[key][1] is bool and not has_value:
                     text = "True"
-                elif i + 1 < len(args):
+                elif has_value:
                     i, text = i + 1, args[i + 1]
                 else:
                     raise UserError(f"--{key} needs a value: --{key}=VALUE")
@@ -134,7 +140,7 @@ def parse_args(argv, classes, prog, description):
                 value = text  # keep strings as typed, e.g. --init_from=0123
             set_key(key, value)
         else:
-            for key, value in read_config_file(arg).items():
+            for key, value in read_config_file(arg, defaults).items():
                 set_key(key, value)
         i += 1
     return config, explicit

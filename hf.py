@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from checkpoint import load_checkpoint, save_checkpoint
-from common import ArgumentParser, UserError, run_cli
+from common import ArgumentParser, UserError, description, make_folder, run_cli
 from model import GPTConfig
 
 # Hub names accepted as init_from, and the repositories that hold OpenAI's weights
@@ -304,7 +304,8 @@ def download(name):
         return snapshot_download(HUB_MODELS[name], allow_patterns=["config.json", "model.safetensors"])
     except Exception as e:  # no network, no cache, a proxy: all end here
         raise UserError(f"could not download {HUB_MODELS[name]} from the Hugging Face Hub ({type(e).__name__}); "
-                      f"when offline, pass init_from=PATH of a local copy (config.json + model.safetensors)") from None
+                        f"when offline, name a local copy (a folder with config.json and model.safetensors) instead: "
+                        f"--init_from=PATH for train.py and sample.py, --src PATH for hf.py import") from None
 
 
 def read_tensors(path):
@@ -409,21 +410,31 @@ def export(ckpt_path, out_dir):
     eos = 50256 if tok.get("kind") == "gpt2" else None
     config = config_to_hf(c, eos)  # refuses what HF cannot express, before writing anything
     tensors = state_dict_to_hf(c, ckpt["model"])
+    make_folder(str(out_dir), "--out")
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     if tok.get("kind") == "hf":  # the tokenizer came with an imported model: pass it on
         src = Path(tok["file"])
         (out / src.name).write_bytes(src.read_bytes())
+    ordinary_permissions(out)
     return config
+
+
+def ordinary_permissions(folder):
+    """Files as any other program writes them (safetensors makes its files readable by the owner only)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    for p in Path(folder).iterdir():
+        if p.is_file():
+            p.chmod(0o666 & ~mask)
 
 
 # ----------------------------------------------------------------------------------------------
 # command line
 
 def main(argv):
-    parser = ArgumentParser(prog="hf.py", description=__doc__.strip().splitlines()[0])
+    parser = ArgumentParser(prog="hf.py", description=description(__doc__))
     sub = parser.add_subparsers(dest="command", required=True)
     ex = sub.add_parser("export", help="write one of our checkpoints as a Hugging Face folder")
     ex.add_argument("--ckpt", required=True, help="ckpt.pt, or the out_dir holding it")
@@ -439,7 +450,7 @@ def main(argv):
     if not is_hf_source(args.src):
         raise UserError(f"{args.src} is neither a folder with config.json nor one of {', '.join(HUB_MODELS)}")
     ckpt = load_hf_checkpoint(args.src, with_tokenizer=True)
-    os.makedirs(args.out, exist_ok=True)
+    make_folder(args.out, "--out")
     save_checkpoint({**ckpt, "config": {}, "iter_num": 0, "best_val_loss": float("inf")}, args.out)
     print(f"wrote {os.path.join(args.out, 'ckpt.pt')}")
 

@@ -13,7 +13,7 @@ import os
 import sys
 
 from checkpoint import load_adapters, save_checkpoint
-from common import ArgumentParser, UserError, first_line, run_cli
+from common import ArgumentParser, UserError, description, first_line, run_cli
 from hf import load_source
 from model import GPT, GPTConfig
 
@@ -47,7 +47,7 @@ def merge(out_dir, out_path=None):
 
 
 def main(argv):
-    p = ArgumentParser(prog="merge_lora.py", description=__doc__.strip().splitlines()[0])
+    p = ArgumentParser(prog="merge_lora.py", description=description(__doc__))
     p.add_argument("out_dir", help="the LoRA run's out_dir (holding adapters.pt)")
     p.add_argument("--out", help="where to write the merged checkpoint (default: OUT_DIR/merged.pt)")
     args = p.parse_args(argv)

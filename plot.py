@@ -11,7 +11,7 @@ import json
 import os
 import sys
 
-from common import ArgumentParser, UserError, run_cli
+from common import ArgumentParser, UserError, description, run_cli
 
 
 def read_run(out_dir):
@@ -66,7 +66,7 @@ def plot(runs, labels, out_path):
 
 
 def main(argv):
-    p = ArgumentParser(prog="plot.py", description=__doc__.strip().splitlines()[0])
+    p = ArgumentParser(prog="plot.py", description=description(__doc__))
     p.add_argument("out_dirs", nargs="+", help="run folders holding metrics.jsonl")
     p.add_argument("--labels", default="", help="comma-separated names for the runs (default: folder names)")
     p.add_argument("--out", default="", help="PNG to write (default: loss.png in the first run's folder)")

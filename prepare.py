@@ -36,7 +36,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from common import ArgumentParser, UserError, first_line, run_cli, token_dtype, write_meta
+from common import ArgumentParser, UserError, description, first_line, make_folder, run_cli, token_dtype, write_meta
 from tasks import prepare_task
 from tokenizer import BPE_FILE, PATTERNS, CharTokenizer, bpe_tokenizer, dataset_tokenizer, gpt2_tokenizer, save_bpe, train_bpe
 
@@ -461,7 +461,7 @@ def write_dataset(out_dir, items, tok, dtype, workers, total):
     """train.bin, val.bin (and a BPE's tokenizer.json), each written beside the old files and renamed into
     place once all are done; on any failure nothing is left behind. Returns the token counts and progress."""
     created = not os.path.isdir(out_dir)
-    os.makedirs(out_dir, exist_ok=True)
+    make_folder(out_dir, "--out")
     tmp = {name: os.path.join(out_dir, name + ".tmp") for name in ("train.bin", "val.bin", BPE_FILE)}
     try:
         if tok.kind == "bpe":
@@ -471,12 +471,15 @@ def write_dataset(out_dir, items, tok, dtype, workers, total):
         for split in ("train", "val"):
             if counts[split] == 0:
                 raise UserError(f"the {split} split is empty; use a larger input or another val_fraction")
-    except BaseException:
+    except BaseException as e:
         for path in tmp.values():
             if os.path.exists(path):
                 os.remove(path)
         if created and not os.listdir(out_dir):
             os.rmdir(out_dir)
+        if isinstance(e, OSError):  # the input was read; so writing failed
+            raise UserError(f"cannot write the dataset into {out_dir} ({e.strerror or first_line(e)}); pass an "
+                            f"--out you can write to") from None
         raise
     if tok.kind == "bpe":
         os.replace(tmp[BPE_FILE], os.path.join(out_dir, BPE_FILE))
@@ -511,7 +514,7 @@ def prepare(input_path, tokenizer, out_dir, val_fraction=0.1, *, vocab_size=None
 
 
 def parser():
-    p = ArgumentParser(prog="prepare.py", description=__doc__.strip().splitlines()[0])
+    p = ArgumentParser(prog="prepare.py", description=description(__doc__))
     p.add_argument("name", nargs="?", help=f"a known corpus: {', '.join([*KNOWN, *HF_DATASETS])}")
     p.add_argument("--input", help="a UTF-8 .txt file, a .jsonl file (one document a line) or a folder of "
                                    "either (for a known corpus: its local copy)")
@@ -572,10 +575,10 @@ def known_corpus_copy(name, input_path, out_dir):
     corpus_copy = os.path.join(out_dir, "input.txt")
     if input_path is not None and os.path.isfile(input_path) and not (
             os.path.exists(corpus_copy) and os.path.samefile(input_path, corpus_copy)):
-        os.makedirs(out_dir, exist_ok=True)
+        make_folder(out_dir, "--out")
         shutil.copyfile(input_path, corpus_copy)
     elif input_path is None and not os.path.exists(corpus_copy):
-        os.makedirs(out_dir, exist_ok=True)
+        make_folder(out_dir, "--out")
         download(KNOWN[name][1], corpus_copy)
     return corpus_copy
 
@@ -585,6 +588,16 @@ def main(argv):
     tokenizer = check_args(args)
     out_dir = args.out or os.path.join("data", args.name or os.path.splitext(os.path.basename(
         os.path.normpath(args.input)))[0])
+    created = not os.path.exists(out_dir)
+    try:
+        prepare_from_args(args, tokenizer, out_dir)
+    except BaseException:
+        if created and os.path.isdir(out_dir):  # a failed prepare leaves no half-made folder behind
+            shutil.rmtree(out_dir, ignore_errors=True)
+        raise
+
+
+def prepare_from_args(args, tokenizer, out_dir):
     if args.task != "lm":
         tok = dataset_tokenizer(args.tokenizer_from) if args.tokenizer_from else None
         prepare_task(args.task, args.input, tokenizer, out_dir, args.val_fraction, args.test_fraction,

@@ -30,7 +30,7 @@ import torch
 
 import runtime
 from checkpoint import model_from_checkpoint
-from common import UserError, read_meta, run_cli
+from common import UserError, description, read_meta, run_cli
 from configurator import parse_args
 from decoding import beam_search, generate_batch
 from hf import load_source
@@ -63,7 +63,7 @@ class SampleConfig:
     compile: bool = False          # torch.compile the model
     threads: int = 0               # CPU threads for torch (1 suits one-token steps on a busy machine); 0: torch's default
     instruct: bool = False         # wrap the prompt in the instruction template (tasks.py); stop at end-of-text
-    interactive: bool = False      # with instruct: answer instructions typed at a "> " prompt until an empty line
+    interactive: bool = False      # answer instructions typed at a "> " prompt until an empty line (implies instruct)
     instruct_eval: str = ""        # val | test: answer every prompt of that split of the checkpoint's instruct dataset (greedy); print the end-of-text rate
 
 
@@ -92,14 +92,23 @@ def check_settings(cfg):
                           "drop --stream or use --beam_width=1")
 
 
-def read_prompt(start):
-    if start.startswith("FILE:"):
-        path = start[5:]
-        if not os.path.isfile(path):
-            raise UserError(f"prompt file {path} not found")
+def read_text_file(path, what):
+    """The text of a UTF-8 file, or one line saying why it cannot be read."""
+    if os.path.isdir(path):
+        raise UserError(f"{what} {path} is a folder, not a file")
+    if not os.path.isfile(path):
+        raise UserError(f"{what} {path} not found")
+    try:
         with open(path, encoding="utf-8") as f:
             return f.read()
-    return start
+    except UnicodeDecodeError:
+        raise UserError(f"{what} {path} is not UTF-8 text; convert it to UTF-8 first") from None
+    except OSError as e:
+        raise UserError(f"cannot read {what} {path} ({e.strerror})") from None
+
+
+def read_prompt(start):
+    return read_text_file(start[5:], "prompt file") if start.startswith("FILE:") else start
 
 
 def read_prompts(cfg):
@@ -107,10 +116,7 @@ def read_prompts(cfg):
     path = cfg["prompts_file"]
     if not path:
         return [read_prompt(cfg["start"])]
-    if not os.path.isfile(path):
-        raise UserError(f"prompts file {path} not found")
-    with open(path, encoding="utf-8") as f:
-        prompts = [line.rstrip("\r\n") for line in f if line.strip()]
+    prompts = [line.rstrip("\r") for line in read_text_file(path, "prompts file").split("\n") if line.strip()]
     if not prompts:
         raise UserError(f"prompts file {path} has no prompts; write one per line")
     return prompts
@@ -204,9 +210,18 @@ def run_beams(model, tokenizer, prompts, cfg):
     return n
 
 
+def samples_per_prompt(cfg):
+    """num_samples, except greedy decoding (temperature 0), whose samples would all be the same text."""
+    if cfg["temperature"] == 0 and cfg["beam_width"] == 1 and cfg["num_samples"] > 1:
+        print(f"note: temperature=0 is greedy, so one sample per prompt (its {cfg['num_samples']} samples would be "
+              f"the same text); set a temperature above 0 to draw several", file=sys.stderr)
+        return 1
+    return cfg["num_samples"]
+
+
 def run_batch(model, tokenizer, prompts, cfg, generator):
     """All prompts x num_samples decoded as one batch; prints them at the end. Returns tokens generated."""
-    rows = [ids for ids in prompts for _ in range(cfg["num_samples"])]
+    rows = [ids for ids in prompts for _ in range(samples_per_prompt(cfg))]
     texts = [StopText(tokenizer, unescape(cfg["stop"])) for _ in rows]
 
     def on_token(row, token):
@@ -222,9 +237,9 @@ def run_batch(model, tokenizer, prompts, cfg, generator):
 
 def run_stream(model, tokenizer, prompts, cfg, generator):
     """One sample at a time, each printed as its tokens arrive. Returns tokens generated."""
-    n = 0
+    n, k = 0, samples_per_prompt(cfg)
     for ids in prompts:
-        for _ in range(cfg["num_samples"]):
+        for _ in range(k):
             print(tokenizer.decode(ids), end="", flush=True)
             text = StopText(tokenizer, unescape(cfg["stop"]))
 
@@ -301,7 +316,7 @@ def instruct_loop(model, tokenizer, cfg, generator):
                 generator=generator)
     n = 0
     if not cfg["interactive"]:
-        for _ in range(cfg["num_samples"]):
+        for _ in range(samples_per_prompt(cfg)):
             text, ids, _ = respond(model, tokenizer, read_prompt(cfg["start"]), **args)
             n += len(ids)
             print(text)
@@ -339,7 +354,7 @@ def generate(model, tokenizer, ckpt, cfg, rt):
 
 
 def main(argv):
-    cfg, _ = parse_args(argv, [SampleConfig], "sample.py", __doc__.strip().splitlines()[0])
+    cfg, _ = parse_args(argv, [SampleConfig], "sample.py", description(__doc__))
     check_settings(cfg)
     rt = runtime.local(cfg["device"], cfg["dtype"])
     torch.manual_seed(cfg["seed"])

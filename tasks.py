@@ -36,7 +36,7 @@ import random
 import numpy as np
 import torch
 
-from common import UserError, token_dtype, write_meta
+from common import UserError, first_line, make_folder, token_dtype, write_meta
 from decoding import generate_batch
 
 INSTRUCT_HEAD = ("Below is an instruction that describes a task. "
@@ -231,15 +231,24 @@ def prepare_task(task, input_path, tokenizer, out_dir, val_fraction=0.1, test_fr
     if task == "instruct" and tok.eot_token is None:
         raise UserError("instruction data needs a tokenizer with an end-of-text token: gpt2 or bpe")
     dtype = token_dtype(tok.vocab_size)
-    os.makedirs(out_dir, exist_ok=True)
+    make_folder(out_dir, "--out")
     renames, sizes, truncated = [], {}, 0
-    for split, idx in splits.items():
-        seqs, arrays, cut = encode_split(task, data, idx, tok, max_length)
-        renames += write_examples(out_dir, split, seqs, dtype, **arrays)
-        sizes[split], truncated = len(idx), truncated + cut
-    if tok.kind == "bpe":  # char and gpt2 live in meta.json; a BPE goes beside the data
-        from tokenizer import save_bpe
-        save_bpe(os.path.join(out_dir, tok.meta()["file"]), tok.bpe)
+    try:
+        for split, idx in splits.items():
+            seqs, arrays, cut = encode_split(task, data, idx, tok, max_length)
+            renames += write_examples(out_dir, split, seqs, dtype, **arrays)
+            sizes[split], truncated = len(idx), truncated + cut
+        if tok.kind == "bpe":  # char and gpt2 live in meta.json; a BPE goes beside the data
+            from tokenizer import save_bpe
+            path = os.path.join(out_dir, tok.meta()["file"])
+            save_bpe(path + ".tmp", tok.bpe)
+            renames.append((path + ".tmp", path))
+    except OSError as e:
+        for name in os.listdir(out_dir):  # this run's temporary files, renamed only when all are written
+            if name.endswith(".tmp"):
+                os.remove(os.path.join(out_dir, name))
+        raise UserError(f"cannot write the dataset into {out_dir} ({e.strerror or first_line(e)}); pass an "
+                        f"--out you can write to") from None
     meta = {"task": task, "tokenizer": tok.meta(), "vocab_size": tok.vocab_size, "dtype": np.dtype(dtype).name,
             "splits": sizes, "max_length": max_length, "truncated": truncated, "seed": seed,
             "val_fraction": val_fraction, "test_fraction": test_fraction}

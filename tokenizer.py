@@ -150,6 +150,22 @@ def load_tokenizer(meta, data_dir=None):
                          f"re-run prepare.py to rebuild the dataset")
 
 
+GPT2_VOCAB_SIZE = 50257
+
+
+def vocab_size_of(meta, data_dir=None):
+    """The number of token ids the tokenizer that meta.json's "tokenizer" entry describes has, read off
+    without loading it where that can be done (GPT-2's needs no download for this)."""
+    kind = meta.get("kind")
+    if kind == "char":
+        return len(meta.get("chars", ""))
+    if kind == "gpt2":
+        return GPT2_VOCAB_SIZE
+    if kind == "bpe" and data_dir is not None:
+        return load_bpe(Path(data_dir) / meta.get("file", BPE_FILE)).n_vocab
+    return load_tokenizer(meta, data_dir).vocab_size
+
+
 def dataset_tokenizer(data_dir):
     """The tokenizer of a prepared dataset folder, e.g. to prepare more text with the same ids."""
     return load_tokenizer(read_meta(data_dir)["tokenizer"], data_dir)

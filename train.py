@@ -42,7 +42,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import runtime
 from checkpoint import (describe_tokenizer, load_sharded, lora_state_dict, resume_changes, rng_state, save_adapters,
                         save_checkpoint, save_sharded, set_rng_state)
-from common import UserError, first_line, read_meta, run_cli
+from common import UserError, description, first_line, hold_folder, read_meta, run_cli
 from configurator import parse_args
 from decoding import generate_batch
 from hf import load_source
@@ -61,6 +61,7 @@ class TrainConfig:
     eval_only: bool = False               # evaluate once and exit
     log_interval: int = 10                # print a log line every this many iterations
     always_save_checkpoint: bool = False  # save at every evaluation, not only when val loss improves
+    overwrite: bool = False               # let a new run (init_from other than resume) replace the checkpoint in out_dir
     wandb_log: bool = False               # also log to Weights & Biases (WANDB_MODE=offline works offline)
     wandb_project: str = "gpt"            # wandb project name
     wandb_run_name: str = "run"           # wandb run name
@@ -122,6 +123,9 @@ LORA_TARGETS = {"attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"}
 def resolve_dataset(dataset):
     """The dataset's folder (a path, or a name under data/) and its meta.json, checked."""
     path = dataset if os.path.isdir(dataset) else os.path.join("data", dataset)
+    if os.path.isfile(dataset) or os.path.isfile(path):
+        raise UserError(f"dataset {dataset!r} is a file; name a folder made by prepare.py (holding meta.json, "
+                        f"train.bin and val.bin), or its name under data/")
     if not os.path.isdir(path):
         raise UserError(f"dataset {dataset!r} not found (no {os.path.join(path, 'meta.json')}); "
                         f"build it first, e.g. python prepare.py shakespeare_char")
@@ -137,6 +141,11 @@ def resolve_dataset(dataset):
         raise UserError(f"{meta_path} names dtype {meta['dtype']!r}, not an unsigned integer type; re-run prepare.py")
     if not isinstance(meta["vocab_size"], int) or meta["vocab_size"] < 1:
         raise UserError(f"{meta_path} has vocab_size {meta['vocab_size']!r}; re-run prepare.py")
+    from tokenizer import vocab_size_of  # what sample.py will decode with must cover every id the model can emit
+    n = vocab_size_of(meta["tokenizer"], path)
+    if n != meta["vocab_size"]:
+        raise UserError(f"{meta_path} says vocab_size {meta['vocab_size']} but its tokenizer has {n} tokens; "
+                        f"re-run prepare.py")
     return path, meta
 
 
@@ -212,24 +221,41 @@ class Batches:
 # settings: checked before joining the process group, so a bad one fails at once instead of hanging
 # in a collective
 
+# (key, lowest value allowed, whether the lowest is excluded): settings outside these ranges would fail
+# later with a traceback or train silently on nonsense (a loss of nan from eval_iters=0)
+RANGES = [("batch_size", 1, False), ("gradient_accumulation_steps", 1, False), ("block_size", 1, False),
+          ("max_iters", 0, False), ("eval_interval", 1, False), ("eval_iters", 1, False), ("log_interval", 1, False),
+          ("learning_rate", 0, True), ("min_lr", 0, False), ("warmup_iters", 0, False), ("lr_decay_iters", 0, False),
+          ("warmdown_iters", 0, False), ("weight_decay", 0, False), ("grad_clip", 0, False), ("bench", 0, False),
+          ("label_smoothing", 0, False), ("dropout", 0, False), ("muon_lr", 0, True), ("keep_checkpoints", 0, False)]
+CHOICES = {"nan_policy": ("stop", "skip"), "parallel": ("ddp", "fsdp"), "optimizer": ("adamw", "muon"),
+           "lr_schedule": ("cosine", "wsd"), "trainable": ("all", "last_blocks", "lora")}
+
+
+def check_values(cfg):
+    """Every number in its range and every choice among its options, or one line naming the key."""
+    for key, low, excluded in RANGES:
+        if cfg[key] < low or (excluded and cfg[key] == low):
+            raise UserError(f"{key} must be {'>' if excluded else '>='} {low}, got {cfg[key]}")
+    for key in ("label_smoothing", "dropout"):
+        if cfg[key] >= 1:
+            raise UserError(f"{key} must be below 1, got {cfg[key]}")
+    for key, allowed in CHOICES.items():
+        if cfg[key] not in allowed:
+            raise UserError(f"{key}={cfg[key]!r} is not one of {', '.join(allowed)}")
+
+
 def check_run_settings(cfg):
+    check_values(cfg)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if cfg["gradient_accumulation_steps"] % world:
         raise UserError(f"gradient_accumulation_steps={cfg['gradient_accumulation_steps']} is not divisible "
                         f"by the {world} processes; make it a multiple of {world}")
-    if cfg["nan_policy"] not in ("stop", "skip"):
-        raise UserError(f"nan_policy={cfg['nan_policy']!r} is not one of stop, skip")
-    if cfg["keep_checkpoints"] < 0:
-        raise UserError(f"keep_checkpoints must be >= 0, got {cfg['keep_checkpoints']}")
-    if cfg["parallel"] not in ("ddp", "fsdp"):
-        raise UserError(f"parallel={cfg['parallel']!r} is not one of ddp, fsdp")
     if cfg["parallel"] == "fsdp" and not torch.distributed.is_available():
         raise UserError("parallel=fsdp needs torch.distributed, which this build of torch lacks; use parallel=ddp")
     if cfg["parallel"] == "fsdp" and cfg["optimizer"] == "muon":
         raise UserError("optimizer=muon does not work with parallel=fsdp: Muon orthogonalises whole matrices, which "
                         "fsdp splits over the processes; use optimizer=adamw or parallel=ddp")
-    if cfg["trainable"] not in ("all", "last_blocks", "lora"):
-        raise UserError(f"trainable={cfg['trainable']!r} is not one of 'all', 'last_blocks', 'lora'")
     if cfg["trainable"] == "last_blocks" and cfg["trainable_blocks"] < 1:
         raise UserError(f"trainable_blocks must be >= 1, got {cfg['trainable_blocks']}")
     if cfg["trainable"] == "lora" and cfg["lora_rank"] < 1:
@@ -291,6 +317,10 @@ def build_model(cfg, explicit, meta, n_classes):
             return GPT(new_config(cfg, explicit, meta["vocab_size"], n_classes)), None
         except ValueError as e:  # a shape model.py refuses, e.g. n_embd not divisible by n_head
             raise UserError(f"the model's settings do not fit together: {e}") from None
+    missing = cfg["init_from"] != "resume" and not os.path.exists(cfg["init_from"])
+    maker = config_writing(cfg["init_from"]) if missing else None
+    if maker:  # e.g. a fine-tuning config whose base model is trained by another config first
+        raise UserError(f"no checkpoint at {cfg['init_from']}; train it first: python train.py {maker}")
     ckpt = load_source(cfg["init_from"], cfg["out_dir"])  # ours, a Hugging Face folder or a gpt2* name
     arch = dict(ckpt["model_config"])
     if arch["vocab_size"] != meta["vocab_size"]:
@@ -305,6 +335,17 @@ def build_model(cfg, explicit, meta, n_classes):
     if cfg["block_size"] < model.config.block_size and (cfg["init_from"] != "resume" or "block_size" in explicit):
         model.crop_block_size(cfg["block_size"])
     return model, ckpt
+
+
+def config_writing(out_dir):
+    """The config file of this repository whose run writes out_dir, if one does (config/NAME.py)."""
+    from configurator import read_config_file
+    folder = os.path.join(os.path.dirname(os.path.abspath(__file__)), "config")
+    for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
+        if name.endswith(".py") and read_config_file(os.path.join(folder, name)).get("out_dir") == \
+                os.path.normpath(out_dir):
+            return f"config/{name}"
+    return None
 
 
 def check_same_vocabulary(ckpt, meta, dataset):
@@ -456,8 +497,15 @@ class Run:
             print(f"note: the checkpoint holds no random states for {self.rt.world} process(es); dropout will not "
                   f"repeat the interrupted run exactly")
         self.resumed_evaluated = ckpt.get("evaluated", True)  # whether its iteration was already evaluated
-        if self.rt.master and self.changed:
+        if not self.rt.master:
+            return
+        path = os.path.join(self.cfg["out_dir"], "ckpt.pt")
+        print(f"resuming {path} from iteration {self.iter_num} (best val loss {self.best_val_loss:.4f})")
+        if self.changed:
             print(f"resuming with changed settings: {'; '.join(self.changed)}")
+        if self.iter_num >= self.cfg["max_iters"]:
+            print(f"{path} is already at iteration {self.iter_num} and max_iters is {self.cfg['max_iters']}: nothing "
+                  f"to train; to go on, raise --max_iters (and set --lr_decay_iters to keep the schedule)")
 
     def announce(self):
         if not self.rt.master:
@@ -473,20 +521,52 @@ class Run:
             print(self.trainable_line)
 
     def open_logs(self):
+        """Hold out_dir for this run, refuse to replace a checkpoint unless asked, and open metrics.jsonl."""
         cfg = self.cfg
         self.writes = self.rt.master and not cfg["bench"]  # a benchmark leaves no files
-        self.metrics = self.wandb = None
+        self.metrics = self.wandb = self.lock = None
         if not self.writes:
             return
-        os.makedirs(cfg["out_dir"], exist_ok=True)
-        path = os.path.join(cfg["out_dir"], "metrics.jsonl")
-        if self.resuming:  # a resumed run continues its log
-            trim_metrics(path, self.iter_num)
-        self.metrics = open(path, "a" if self.resuming else "w", encoding="utf-8")
-        if cfg["wandb_log"]:
-            import wandb
-            self.wandb = wandb.init(project=cfg["wandb_project"], name=cfg["wandb_run_name"],
-                                    config=self.recorded_config(), dir=cfg["out_dir"])
+        out_dir = cfg["out_dir"]
+        try:
+            os.makedirs(out_dir, exist_ok=True)
+            self.lock = hold_folder(out_dir, f"pid {os.getpid()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}: "
+                                             f"python train.py {shlex.join(self.argv)}")
+        except OSError as e:
+            raise UserError(f"cannot write into out_dir {out_dir} ({e.strerror or first_line(e)}); pass an "
+                            f"--out_dir that is a folder you can write to") from None
+        try:
+            self.refuse_to_overwrite()
+            path = os.path.join(out_dir, "metrics.jsonl")
+            if self.resuming:  # a resumed run continues its log
+                trim_metrics(path, self.iter_num)
+            self.metrics = open(path, "a" if self.resuming else "w", encoding="utf-8")
+            if cfg["wandb_log"]:
+                import wandb
+                self.wandb = wandb.init(project=cfg["wandb_project"], name=cfg["wandb_run_name"],
+                                        config=self.recorded_config(), dir=out_dir)
+        except BaseException:
+            self.close()
+            raise
+
+    def refuse_to_overwrite(self):
+        """A new run into a folder holding a checkpoint would replace it (and its log) without a word."""
+        path = os.path.join(self.cfg["out_dir"], "ckpt.pt")
+        if self.resuming or self.cfg["overwrite"] or not os.path.isfile(path):
+            return
+        summary = describe_saved(os.path.join(self.cfg["out_dir"], "ckpt.json"))
+        raise UserError(f"{path} already holds a checkpoint{summary}; continue it with --init_from=resume, train "
+                        f"into another --out_dir, or pass --overwrite=True to replace it")
+
+    def close(self):
+        """Release what the run holds: its log files and out_dir's lock."""
+        for f in (self.metrics, self.lock):
+            if f is not None:
+                f.close()
+        self.metrics = self.lock = None
+        if self.wandb is not None:
+            self.wandb.finish()
+            self.wandb = None
 
     def recorded_config(self):
         """The settings as a checkpoint records them: with the run's facts (architecture, task)."""
@@ -689,10 +769,7 @@ class Run:
             record = {"iter": self.iter_num, **{f"test/{k}": v for k, v in result.items()}}
             print("test (final model): " + ", ".join(f"{k[5:]} {v:.4f}" for k, v in record.items() if k != "iter"))
             self.log(record)
-        if self.metrics is not None:
-            self.metrics.close()
-        if self.wandb is not None:
-            self.wandb.finish()
+        self.close()
 
 
 # -----------------------------------------------------------------------------------------------
@@ -763,6 +840,17 @@ def benchmark(run, warmup=5):
     print(f"sample tokens/s: {n_new / (time.perf_counter() - t0):,.1f} (batch 1, {n_new} tokens)")
 
 
+def describe_saved(summary_path):
+    """", at iteration N with val loss X" from a checkpoint's JSON summary, or "" when it cannot be read."""
+    try:
+        with open(summary_path, encoding="utf-8") as f:
+            summary = json.load(f)
+        val = summary.get("best_val_loss")
+        return f" (iteration {summary['iter_num']}" + (f", val loss {val:.4f})" if val is not None else ")")
+    except (OSError, ValueError, KeyError, TypeError):
+        return ""
+
+
 def trim_metrics(path, iter_num):
     """Drop log records past the resumed iteration: that training was lost and is done again."""
     if not os.path.isfile(path):
@@ -811,15 +899,18 @@ def main(argv):
     and leaves the process group (rank 0 writes ckpt.pt last; none may tear its group down while another
     still uses it)."""
     handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    run = None
     try:
-        cfg, explicit = parse_args(argv, [TrainConfig, GPTConfig], "train.py", __doc__.strip().splitlines()[0])
+        cfg, explicit = parse_args(argv, [TrainConfig, GPTConfig], "train.py", description(__doc__))
         run = Run(cfg, explicit, argv)
         if cfg["bench"]:  # every process takes part in the timed steps; rank 0 reports
             benchmark(run)
         else:
             train(run)
         runtime.barrier()
-    finally:  # main may end by an error with its own handlers still installed
+    finally:  # main may end by an error with its own handlers still installed, and out_dir held
+        if run is not None:
+            run.close()
         for s, handler in handlers.items():
             signal.signal(s, handler)
         runtime.stop()

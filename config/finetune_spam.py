@@ -17,7 +17,7 @@ log_interval = 20
 always_save_checkpoint = True  # the saved model is the one the final test metrics describe
 
 batch_size = 32
-block_size = 64       # messages are cut to 64 BPE tokens by prepare.py (about 5% are longer)
+block_size = 64       # messages are cut to 64 BPE tokens by prepare.py (805 of the 5,574, 14%, are longer)
 
 n_layer = 2
 n_head = 4

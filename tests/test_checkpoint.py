@@ -261,6 +261,13 @@ def set_meta(folder, **kw):
     (folder / "meta.json").write_text(json.dumps(meta))
 
 
+def resize_chars(folder, n):
+    """A char alphabet of n characters (cut, or grown by characters the text never uses), vocab_size with it."""
+    chars = json.loads((folder / "meta.json").read_text())["tokenizer"]["chars"]
+    chars = chars[:n] + "".join(chr(0x4E00 + i) for i in range(max(0, n - len(chars))))
+    set_meta(folder, tokenizer={"kind": "char", "chars": chars}, vocab_size=n)
+
+
 def shuffled_chars(folder):
     meta = json.loads((folder / "meta.json").read_text())
     set_meta(folder, tokenizer={**meta["tokenizer"], "chars": meta["tokenizer"]["chars"][::-1]})
@@ -271,8 +278,9 @@ BAD_DATA = {
     "no meta": (lambda d: (d / "meta.json").unlink(), "has no meta.json"),
     "meta not json": (lambda d: (d / "meta.json").write_text("{oops"), "not readable JSON"),
     "odd byte size": (lambda d: (d / "val.bin").open("ab").write(b"\0"), "not a whole number of uint16 tokens"),
-    "ids over vocab": (lambda d: set_meta(d, vocab_size=20), "holds token id"),
-    "other vocab size": (lambda d: set_meta(d, vocab_size=200), "vocabulary has"),
+    "ids over vocab": (lambda d: resize_chars(d, 20), "holds token id"),
+    "other vocab size": (lambda d: resize_chars(d, 62), "the checkpoint's vocabulary has 61 tokens but dataset 'bad' has 62"),
+    "vocab over tokenizer": (lambda d: set_meta(d, vocab_size=200), "says vocab_size 200 but its tokenizer has 61"),
     "other tokenizer": (shuffled_chars, "cannot resume: the checkpoint differs in tokenizer"),
 }
 
@@ -299,6 +307,11 @@ BAD_SETTINGS = [
     (["--init_from=resume", "config/missing.py"], "config file config/missing.py not found"),
     (["--init_from=resume", "raises.py"], "config file raises.py failed: ZeroDivisionError"),
     (["--init_from=resume", "--nan_policy=ignore"], "nan_policy='ignore' is not one of stop, skip"),
+    (["--init_from=resume", "--learning_rate=0"], "learning_rate must be > 0, got 0.0"),
+    (["--init_from=resume", "--eval_iters=0"], "eval_iters must be >= 1, got 0"),
+    (["--init_from=resume", "--batch_size=0"], "batch_size must be >= 1, got 0"),
+    (["--init_from=resume", "--lr_schedule=linear"], "lr_schedule='linear' is not one of cosine, wsd"),
+    (["--n_head=5", "--n_embd=128", "--overwrite=True"], "n_embd=128 is not divisible by n_head=5"),
     (["--init_from=resume", "--gradient_accumulation_steps=3", "WORLD_SIZE=2"], "not divisible by the 2 processes"),
     (["--init_from=nothing/here"], "no checkpoint at nothing/here"),
     (["--init_from=half.pt"], "truncated or corrupted"),

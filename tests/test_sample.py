@@ -111,17 +111,25 @@ def test_a_stop_string_ends_each_sample_just_before_it(char_dir, monkeypatch, st
 
 def test_prompts_from_a_file_are_batched_and_match_prompt_by_prompt(char_dir):
     (char_dir / "prompts.txt").write_text("To be\nKING RICHARD:\n\nO\n", encoding="utf-8")
-    proc = run_main("sample.py", "--out_dir=out", "--dtype=float32", "--prompts_file=prompts.txt", "--num_samples=2",
+    proc = run_main("sample.py", "--out_dir=out", "--dtype=float32", "--prompts_file=prompts.txt", "--num_samples=1",
                     "--max_new_tokens=30", "--temperature=0", cwd=char_dir)
     samples = samples_of(proc.stdout)
-    assert len(samples) == 6
-    assert all(s.startswith(p) for s, p in zip(samples, ["To be", "To be", "KING RICHARD:", "KING RICHARD:", "O", "O"]))
-    assert samples[0] == samples[1] and samples[2] == samples[3] and samples[4] == samples[5]
-    for prompt, batched in zip(["To be", "KING RICHARD:", "O"], samples[::2]):
+    assert len(samples) == 3 and all(s.startswith(p) for s, p in zip(samples, ["To be", "KING RICHARD:", "O"]))
+    for prompt, batched in zip(["To be", "KING RICHARD:", "O"], samples):
         alone = run_main("sample.py", "--out_dir=out", "--dtype=float32", f"--start={prompt}", "--num_samples=1",
                          "--max_new_tokens=30", "--temperature=0", cwd=char_dir)
         assert samples_of(alone.stdout) == [batched]
-    assert re.search(r"^180 tokens in [\d.]+ s: [\d.]+ tokens/s$", proc.stderr.strip())
+    assert re.search(r"^90 tokens in [\d.]+ s: [\d.]+ tokens/s$", proc.stderr.strip())
+
+
+def test_greedy_decoding_prints_one_sample_per_prompt_and_says_why(char_dir):
+    proc = run_main("sample.py", "--out_dir=out", "--dtype=float32", "--start=To be", "--num_samples=3",
+                    "--max_new_tokens=10", "--temperature=0", cwd=char_dir)
+    assert len(samples_of(proc.stdout)) == 1
+    assert "temperature=0 is greedy, so one sample per prompt (its 3 samples would be the same text)" in proc.stderr
+    sampled = run_main("sample.py", "--out_dir=out", "--dtype=float32", "--start=To be", "--num_samples=3",
+                       "--max_new_tokens=10", "--temperature=1.0", cwd=char_dir)
+    assert len(samples_of(sampled.stdout)) == 3 and "note:" not in sampled.stderr
 
 
 def test_beam_search_prints_the_best_beams(char_dir):
@@ -150,9 +158,13 @@ def test_without_the_cache_the_text_is_the_same(char_dir):
     (["--beam_width=2", "--num_samples=1", "--stream"], "--stream cannot show beam search"),
     (["--start=Ωmega"], "characters not in this char-level vocabulary: 'Ω'"),
     (["--prompts_file=nowhere.txt"], "prompts file nowhere.txt not found"),
+    (["--prompts_file=data"], "prompts file data is a folder, not a file"),
+    (["--start=FILE:data"], "prompt file data is a folder, not a file"),
+    (["--start=FILE:latin1.txt"], "prompt file latin1.txt is not UTF-8 text"),
     (["--threads=-1"], "threads must be >= 1"),
 ])
 def test_bad_sampling_arguments_end_with_one_line_and_exit_code_2(char_dir, args, message):
+    (char_dir / "latin1.txt").write_bytes("café".encode("latin-1"))
     one_line_error(run_main("sample.py", "--out_dir=out", "--dtype=float32", *args, cwd=char_dir, check=False), message)
 
 
