@@ -161,10 +161,10 @@ def family(c):
     return "llama"
 
 
-def config_to_hf(c, eos_token_id=None):
+def config_to_hf(c, bos_token_id=None, eos_token_id=None):
     """config.json for our config c; the older rope_theta/rope_scaling keys, which transformers 4 and 5 read."""
     common = {"vocab_size": c["vocab_size"], "tie_word_embeddings": c["tie_embeddings"], "torch_dtype": "float32",
-              "bos_token_id": eos_token_id, "eos_token_id": eos_token_id}
+              "bos_token_id": bos_token_id, "eos_token_id": eos_token_id}
     if family(c) == "gpt2":
         act = {"gelu": "gelu", "gelu_tanh": "gelu_new", "relu2": "relu2"}[c["mlp"]]
         return {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", **common,
@@ -363,11 +363,12 @@ def special_ids(path):
 def find_tokenizer(path, model_config):
     """tokenizer meta for load_tokenizer: the folder's own tokenizer (with the bos and eos ids its config
     names), else GPT-2's for GPT-2-sized vocabularies."""
+    from tokenizer import hf_file_meta
     path = Path(path).resolve()
     for f in ("tokenizer.json", "tokenizer.model", "original/tokenizer.model"):
         if (path / f).is_file():
             bos, eos = special_ids(path)
-            return {"kind": "hf", "file": str(path / f), "bos": bos, "eos": eos}
+            return hf_file_meta(path / f, bos, eos)  # refuses, now, a file that cannot be read
     if model_config["positions"] == "learned" and model_config["vocab_size"] == 50257:
         return {"kind": "gpt2"}
     raise UserError(f"{path} has no tokenizer.json or tokenizer.model; copy the model's tokenizer files "
@@ -399,26 +400,57 @@ def load_source(init_from, out_dir=None, with_tokenizer=False):
 
 
 def export(ckpt_path, out_dir):
-    """Write checkpoint ckpt_path as a Hugging Face folder out_dir (config.json + model.safetensors)."""
+    """Write checkpoint ckpt_path as a Hugging Face folder out_dir: config.json, model.safetensors (LoRA
+    adapters folded in), and the tokenizer (tokenizer.json + tokenizer_config.json) where it can be
+    written. Returns (the config written, a note on the tokenizer)."""
     try:
         from safetensors.torch import save_file
     except ImportError:
         raise UserError("export writes safetensors: pip install safetensors") from None
     ckpt = load_checkpoint(ckpt_path)
-    c = ckpt["model_config"]
-    tok = ckpt.get("tokenizer") or {}
-    eos = 50256 if tok.get("kind") == "gpt2" else None
-    config = config_to_hf(c, eos)  # refuses what HF cannot express, before writing anything
-    tensors = state_dict_to_hf(c, ckpt["model"])
+    c = dict(ckpt["model_config"])
+    if c.get("n_classes"):
+        raise UserError(f"{ckpt_path} is a classifier: its head (with a bias) has no place in transformers' "
+                        f"*ForSequenceClassification (a head without one); hf.py exports language models only")
+    tok, note = export_tokenizer(ckpt)  # before anything is written: loading it may fail
+    config = config_to_hf(c, getattr(tok, "bos_token", None), getattr(tok, "eot_token", None))
+    weights = ckpt["model"]
+    if c.get("lora_rank"):
+        from checkpoint import model_from_checkpoint
+        weights, c["lora_rank"] = model_from_checkpoint(ckpt).merge_lora().state_dict(), 0
+    tensors = state_dict_to_hf(c, weights)
     make_folder(str(out_dir), "--out")
     out = Path(out_dir)
     save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-    if tok.get("kind") == "hf":  # the tokenizer came with an imported model: pass it on
-        src = Path(tok["file"])
+    if (ckpt.get("tokenizer") or {}).get("kind") == "hf":  # the tokenizer came with an imported model: pass it on
+        src = Path(ckpt["tokenizer"]["file"])
         (out / src.name).write_bytes(src.read_bytes())
+    elif tok is not None:
+        from tokenizer import hf_tokenizer_config, hf_tokenizer_json
+        (out / "tokenizer.json").write_text(json.dumps(hf_tokenizer_json(tok), ensure_ascii=False), encoding="utf-8")
+        (out / "tokenizer_config.json").write_text(json.dumps(hf_tokenizer_config(tok, c["block_size"]), indent=2)
+                                                   + "\n", encoding="utf-8")
     ordinary_permissions(out)
-    return config
+    return config, note
+
+
+def export_tokenizer(ckpt):
+    """The checkpoint's tokenizer, if it can be written beside the weights; else None and why not."""
+    from tokenizer import load_tokenizer
+    meta = ckpt.get("tokenizer") or {}
+    if not meta:
+        return None, "no tokenizer written: the checkpoint records none"
+    try:
+        tok = load_tokenizer(meta, ckpt.get("dataset_dir"))
+    except UserError as e:
+        return None, f"no tokenizer written: {e}"
+    if tok.vocab_size != ckpt["model_config"]["vocab_size"]:
+        return None, (f"no tokenizer written: its {tok.vocab_size} tokens are not the model's "
+                      f"{ckpt['model_config']['vocab_size']}")
+    if meta.get("kind") == "hf":
+        return tok, f"tokenizer: {Path(meta['file']).name}, the imported model's own"
+    return tok, f"tokenizer: tokenizer.json and tokenizer_config.json ({meta.get('kind')}, {tok.vocab_size} tokens)"
 
 
 def ordinary_permissions(folder):
@@ -444,8 +476,8 @@ def main(argv):
     im.add_argument("--out", required=True, help="folder to write ckpt.pt into")
     args = parser.parse_args(argv)
     if args.command == "export":
-        config = export(args.ckpt, args.out)
-        print(f"wrote {config['architectures'][0]} to {args.out}")
+        config, note = export(args.ckpt, args.out)
+        print(f"wrote {config['architectures'][0]} to {args.out}; {note}")
         return
     if not is_hf_source(args.src):
         raise UserError(f"{args.src} is neither a folder with config.json nor one of {', '.join(HUB_MODELS)}")

@@ -46,6 +46,7 @@ import base64
 import heapq
 import json
 import os
+import re
 import sys
 import time
 from collections import Counter, defaultdict
@@ -583,6 +584,118 @@ def hf_tokenizer(meta):
     stop = list(meta.get("eos") or [specials[n] for n in STOP_NAMES if n in specials])
     eot = specials.get("<|endoftext|>", stop[0] if stop else None)
     return TiktokenTokenizer(enc, "hf", {k: v for k, v in meta.items() if k != "kind"}, eot=eot, bos=bos, stop=stop)
+
+
+def hf_file_meta(path, bos=None, eos=()):
+    """The tokenizer entry for a Hugging Face folder's tokenizer file: a character-level tokenizer.json
+    (WordLevel, one character per token, as hf_tokenizer_json writes for char) becomes kind char, any
+    other kind hf. Built once here, so that a file tiktoken cannot reproduce is refused now, not later."""
+    if str(path).endswith(".json"):
+        chars = _char_level_vocab(path)
+        if chars is not None:
+            return {"kind": "char", "chars": chars}
+    meta = {"kind": "hf", "file": str(path), "bos": bos, "eos": list(eos)}
+    hf_tokenizer(meta)
+    return meta
+
+
+def _char_level_vocab(path):
+    """The alphabet of a character-level tokenizer.json (ids 0..n-1, one character each), or None."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    model, pre = data.get("model") or {}, data.get("pre_tokenizer") or {}
+    vocab = model.get("vocab")
+    if model.get("type") != "WordLevel" or not isinstance(vocab, dict) or pre.get("type") != "Split":
+        return None
+    by_id = sorted(vocab.items(), key=lambda kv: kv[1])
+    if [i for _, i in by_id] != list(range(len(by_id))) or any(len(ch) != 1 for ch, _ in by_id):
+        return None
+    return "".join(ch for ch, _ in by_id)
+
+
+# --- writing tokenizer.json, the format transformers' AutoTokenizer reads (hf.py export)
+
+def _oniguruma(pattern):
+    r"""The pre-split regex as the tokenizers library's engine (Oniguruma) reads it the way tiktoken does:
+    no possessive quantifiers (it takes \p{N}{1,3}+ as a repeated group; for these patterns the matches are
+    the same without them), and \z for $ (its $ also matches before every newline)."""
+    pattern = re.sub(r"(?<!\\)([+*?}])\+", r"\1", pattern)
+    return re.sub(r"(?<!\\)\$", r"\\z", pattern)
+
+
+def _merges_from_ranks(ranks):
+    """The merges that rebuild tiktoken ranks (bytes -> rank) in order: each token's bytes merged with only
+    the tokens ranked before it end as exactly two pieces, its merge."""
+    merges = []
+    for token, rank in sorted(ranks.items(), key=lambda kv: kv[1]):
+        if len(token) < 2:
+            continue
+        parts = [bytes([b]) for b in token]
+        while len(parts) > 2:
+            scored = [(ranks.get(a + b, rank), i) for i, (a, b) in enumerate(zip(parts, parts[1:]))]
+            best, i = min(scored)
+            if best >= rank:
+                break
+            parts[i:i + 2] = [parts[i] + parts[i + 1]]
+        if len(parts) != 2 or ranks.get(parts[0], rank) >= rank or ranks.get(parts[1], rank) >= rank:
+            raise UserError(f"token {token!r} cannot be written as a merge of two earlier tokens")
+        merges.append((parts[0], parts[1]))
+    return merges
+
+
+def _specials(tok):
+    """{name: id} of a tokenizer's special tokens (none for char)."""
+    enc = getattr(tok, "enc", None)
+    return {} if enc is None else {s: enc.encode_single_token(s) for s in sorted(enc.special_tokens_set)}
+
+
+def hf_tokenizer_json(tok):
+    """tokenizer.json for tok (char, gpt2 or bpe), encoding as tok does: byte-level BPE with tok's pre-split
+    regex, or a character-level WordLevel model. None for a kind this cannot write."""
+    added = [{"id": i, "content": s, "single_word": False, "lstrip": False, "rstrip": False, "normalized": False,
+              "special": True} for s, i in _specials(tok).items()]
+    base = {"version": "1.0", "truncation": None, "padding": None, "added_tokens": added, "normalizer": None,
+            "post_processor": None}
+    if tok.kind == "char":
+        return {**base, "pre_tokenizer": {"type": "Split", "pattern": {"Regex": r"[\s\S]"}, "behavior": "Isolated",
+                                          "invert": False},
+                "decoder": {"type": "Fuse"},
+                "model": {"type": "WordLevel", "vocab": {ch: i for i, ch in enumerate(tok.chars)}, "unk_token": "<unk>"}}
+    if tok.kind not in ("gpt2", "bpe"):
+        return None
+    special_ids = set(_specials(tok).values())
+    ranks = {tok.enc.decode_single_token_bytes(i): i for i in range(tok.vocab_size) if i not in special_ids}
+    if tok.kind == "bpe":
+        merges = [(tok.bpe.vocab[a], tok.bpe.vocab[b]) for a, b, _ in tok.bpe.merges]
+        pattern = tok.bpe.pattern
+    else:
+        merges, pattern = _merges_from_ranks(ranks), GPT2_PATTERN
+    to_text = {b: c for c, b in _byte_decoder().items()}
+    piece = lambda bs: "".join(to_text[b] for b in bs)  # noqa: E731
+    return {**base,
+            "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+                {"type": "Split", "pattern": {"Regex": _oniguruma(pattern)}, "behavior": "Isolated",
+                 "invert": False},
+                {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]},
+            "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
+            "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
+                      "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
+                      "vocab": {piece(bs): i for bs, i in ranks.items()},
+                      "merges": [[piece(a), piece(b)] for a, b in merges]}}
+
+
+def hf_tokenizer_config(tok, max_length):
+    """tokenizer_config.json beside it: the fast tokenizer class, and which special token is which."""
+    names = {i: s for s, i in _specials(tok).items()}
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": max_length,
+              "clean_up_tokenization_spaces": False}
+    if tok.bos_token in names:
+        config["bos_token"] = names[tok.bos_token]
+    if tok.eot_token in names:
+        config["eos_token"] = names[tok.eot_token]
+    return config
 
 
 # ----------------------------------------------------------------------------- command line
