@@ -36,7 +36,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from common import ArgumentParser, UserError, description, first_line, make_folder, run_cli, token_dtype, write_meta
+from common import ArgumentParser, UserError, cpu_cores, description, first_line, make_folder, run_cli, token_dtype, write_meta
 from tasks import prepare_task
 from tokenizer import BPE_FILE, PATTERNS, CharTokenizer, bpe_tokenizer, dataset_tokenizer, gpt2_tokenizer, save_bpe, train_bpe
 
@@ -494,7 +494,7 @@ def prepare(input_path, tokenizer, out_dir, val_fraction=0.1, *, vocab_size=None
     if not 0 < val_fraction < 1:
         raise UserError(f"val_fraction must be between 0 and 1, got {val_fraction}")
     if workers is None:
-        workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        workers = cpu_cores()
     items, total, counts_docs = corpus(input_path, hf_name, text_field, val_fraction)
     tok = choose_tokenizer(tokenizer, tokenizer_dir, items, total, val_fraction, vocab_size, bpe_pattern,
                            bpe_train_bytes)

@@ -12,6 +12,8 @@ Design choices:
   without torchrun makes a group of one process, so its sharded checkpoints resume alone too.
 - On a CPU, glibc returns every large freed tensor to the OS and faults its pages back in at the next
   step (over a thousand page faults a step for a small model): keep_freed_memory keeps them.
+- A CPU already loaded by other processes is named at start (busy_cpu_note): a slow run then has
+  an explanation, not a mystery. (common.yield_idle_cores keeps the slowdown to the run's share.)
 - Collective decisions (stop, save, skip a step) are taken by all processes together (any).
 """
 import ctypes
@@ -24,7 +26,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from common import UserError
+from common import UserError, cpu_cores
 
 # Dense bf16 tensor-core peaks (FLOP/s) of common training GPUs, for MFU
 GPU_PEAK_FLOPS = {"A100": 312e12, "H100": 989e12, "H200": 989e12, "A10G": 125e12, "L4": 121e12,
@@ -83,6 +85,18 @@ def minor_page_faults():
     except ImportError:
         return 0
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def busy_cpu_note(device):
+    """A line saying the CPU is already busy (the 1-minute load average is at least its core count), or
+    "" when it is not, the device is not the CPU, or the system keeps no load average."""
+    if device != "cpu" or not hasattr(os, "getloadavg"):
+        return ""
+    load, cores = os.getloadavg()[0], cpu_cores()
+    if load < cores:
+        return ""
+    return (f"note: the load average is {load:.1f} on {cores} cores: other processes are using the CPU, so this "
+            f"runs at its share of it (README, \"A busy CPU\")")
 
 
 def peak_flops_of(device):

@@ -24,7 +24,11 @@ checkpoint from the dataset's meta.json). `python sample.py --help` lists every 
 import os
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
+
+from common import yield_idle_cores
+yield_idle_cores()  # before torch loads OpenMP
 
 import torch
 
@@ -61,7 +65,7 @@ class SampleConfig:
     device: str = "auto"           # auto | cpu | cuda | cuda:N | mps
     dtype: str = "auto"            # auto | float32 | bfloat16 | float16 (auto: as train.py's, see runtime.py)
     compile: bool = False          # torch.compile the model
-    threads: int = 0               # CPU threads for torch (1 suits one-token steps on a busy machine); 0: torch's default
+    threads: int = 0               # CPU threads for torch; 0 (auto): 1 when a CPU decodes one sequence at a time (as fast, and robust to a busy CPU), else torch's default
     instruct: bool = False         # wrap the prompt in the instruction template (tasks.py); stop at end-of-text
     interactive: bool = False      # answer instructions typed at a "> " prompt until an empty line (implies instruct)
     instruct_eval: str = ""        # val | test: answer every prompt of that split of the checkpoint's instruct dataset (greedy); print the end-of-text rate
@@ -79,7 +83,7 @@ def check_settings(cfg):
     if cfg["max_new_tokens"] < 1:
         raise UserError(f"max_new_tokens must be >= 1, got {cfg['max_new_tokens']}")
     if cfg["threads"] < 0:
-        raise UserError(f"threads must be >= 1, or 0 for torch's default, got {cfg['threads']}")
+        raise UserError(f"threads must be >= 1, or 0 for the automatic choice, got {cfg['threads']}")
     if cfg["num_samples"] < 1:
         raise UserError(f"num_samples must be >= 1, got {cfg['num_samples']}")
     if cfg["beam_width"] < 1:
@@ -335,6 +339,35 @@ def instruct_loop(model, tokenizer, cfg, generator):
     return n
 
 
+def one_sequence_at_a_time(cfg, model):
+    """Whether every decoding step of this run is of a single sequence."""
+    if model.config.n_classes or cfg["instruct_eval"]:
+        return False
+    if cfg["stream"] or cfg["instruct"] or cfg["interactive"]:
+        return True
+    return cfg["beam_width"] == 1 and not cfg["prompts_file"] and (cfg["num_samples"] == 1 or cfg["temperature"] == 0)
+
+
+@contextmanager
+def cpu_threads(n):
+    """torch's CPU threads set to n (0: left as they are) for the block, then put back as they were."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n or before)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def decode_threads(cfg, model, device):
+    """--threads, or auto (0): one thread when a CPU decodes one sequence at a time, whose one-token steps
+    ran as fast on one thread as on two (6x384 and GPT-2 124M) and do not stall behind a busy machine
+    (README, "A busy CPU"); 0 (torch's default) otherwise."""
+    if cfg["threads"]:
+        return cfg["threads"]
+    return 1 if device == "cpu" and one_sequence_at_a_time(cfg, model) else 0
+
+
 def generate(model, tokenizer, ckpt, cfg, rt):
     """What the checkpoint and the settings ask for; returns the number of tokens generated (None: labels)."""
     generator = torch.Generator(device=rt.device).manual_seed(cfg["seed"])
@@ -358,19 +391,20 @@ def main(argv):
     check_settings(cfg)
     rt = runtime.local(cfg["device"], cfg["dtype"])
     torch.manual_seed(cfg["seed"])
-    if cfg["threads"]:
-        torch.set_num_threads(cfg["threads"])
+    busy = runtime.busy_cpu_note(rt.device)  # before this run's own load counts in it
     if cfg["bench"]:
-        return bench(cfg, rt.device)
+        with cpu_threads(cfg["threads"]):
+            return bench(cfg, rt.device)
     ckpt, model, tokenizer = load(cfg, rt.device)
+    threads = decode_threads(cfg, model, rt.device)
     if cfg["compile"]:
         model = torch.compile(model, dynamic=True)  # the context grows every step: one graph for all lengths
     t0 = time.perf_counter()
-    with rt.autocast():
+    with cpu_threads(threads), rt.autocast():
         n = generate(model, tokenizer, ckpt, cfg, rt)
     dt = time.perf_counter() - t0
     if n is not None:
-        print(f"{n} tokens in {dt:.2f} s: {n / dt:.1f} tokens/s", file=sys.stderr)
+        print(f"{n} tokens in {dt:.2f} s: {n / dt:.1f} tokens/s" + (f"\n{busy}" if busy else ""), file=sys.stderr)
 
 
 if __name__ == "__main__":

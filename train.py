@@ -35,6 +35,9 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 
+from common import yield_idle_cores
+yield_idle_cores()  # before torch loads OpenMP
+
 import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -519,6 +522,9 @@ class Run:
               f"{', fsdp' if self.sharded else ''}")
         if self.task != "lm" or cfg["trainable"] != "all" or c.lora_rank:
             print(self.trainable_line)
+        busy = runtime.busy_cpu_note(rt.device)
+        if busy:
+            print(busy)
 
     def open_logs(self):
         """Hold out_dir for this run, refuse to replace a checkpoint unless asked, and open metrics.jsonl."""

@@ -198,3 +198,16 @@ class CountingForward:
     def __call__(self, idx, *args, **kw):
         self.lengths.append(idx.size(1))
         return self.forward(idx, *args, **kw)
+
+
+def children(pid):
+    """Process ids whose parent is pid (Linux /proc): the workers torchrun started."""
+    kids = []
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                if entry.isdigit() and int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                    kids.append(int(entry))
+        except (OSError, IndexError, ValueError):
+            pass
+    return kids

@@ -17,7 +17,7 @@ import torch
 import checkpoint
 import train
 from common import UserError
-from conftest import REPO, TINY_MODEL, curve, prepare_tiny, run_main, run_script, snapshot
+from conftest import REPO, TINY_MODEL, children, curve, prepare_tiny, run_main, run_script, snapshot
 
 # lr_decay_iters is fixed because 0 means max_iters: a run stopped early with max_iters=k would
 # otherwise follow a different schedule than the run it is compared with
@@ -340,19 +340,6 @@ def test_bad_settings_are_one_line_a_nonzero_exit_and_an_untouched_checkpoint(tr
 def test_debug_shows_the_traceback_instead(trained, monkeypatch):
     with pytest.raises(UserError, match="not found"):
         cli(trained, "--out_dir=out", "--dataset=missing", "--debug", monkeypatch=monkeypatch)
-
-
-def children(pid):
-    """Process ids whose parent is pid (Linux /proc)."""
-    kids = []
-    for entry in os.listdir("/proc"):
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                if entry.isdigit() and int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
-                    kids.append(int(entry))
-        except (OSError, IndexError, ValueError):
-            pass
-    return kids
 
 
 @pytest.mark.slow

@@ -104,6 +104,13 @@ def test_export_then_import_samples_the_same_greedy_tokens(bpe_data, family, tmp
     before = run_main("sample.py", f"--out_dir=ours_{family}", *sample, cwd=folder).stdout
     after = run_main("sample.py", f"--out_dir={tmp_path / 'back'}", *sample, cwd=folder).stdout
     assert after == before
+    from checkpoint import load_checkpoint, model_from_checkpoint
+    original, back = (model_from_checkpoint(load_checkpoint(str(p))).eval()
+                      for p in (folder / f"ours_{family}", tmp_path / "back"))
+    idx = torch.randint(0, 400, (2, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(back(idx)[0], original(idx)[0], atol=1e-5, rtol=0)
+        torch.testing.assert_close(theirs(idx).logits, original(idx)[0], atol=1e-4, rtol=0)
     ours = load_tokenizer(torch.load(folder / f"ours_{family}" / "ckpt.pt", weights_only=True)["tokenizer"],
                           str(folder / "data" / "tiny"))
     ids = tok("ROMEO: To be", add_special_tokens=False)["input_ids"]

@@ -1,11 +1,14 @@
 """common.py (the one-line error and the command-line wrapper, meta.json) and runtime.py (device, number type)."""
+import ast
 import json
+import os
 
 import pytest
 import torch
 
 import runtime
 from common import ArgumentParser, UserError, read_meta, run_cli, token_dtype
+from conftest import REPO
 
 
 def test_run_cli_prints_a_user_error_as_one_line_and_returns_2(capsys):
@@ -94,3 +97,33 @@ def test_one_process_needs_no_collectives():
     assert rt.any(True) and not rt.any(False) and rt.gather("x") == ["x"]
     t = torch.ones(2)
     assert torch.equal(rt.mean(t), torch.ones(2)) and torch.equal(rt.total(t), torch.ones(2))
+
+
+@pytest.mark.parametrize("env, spin", [({}, "1000"), ({"GOMP_SPINCOUNT": "50"}, "50"),
+                                       ({"OMP_WAIT_POLICY": "ACTIVE"}, None)])
+def test_idle_openmp_threads_sleep_soon_unless_the_user_chose(monkeypatch, env, spin):
+    from common import yield_idle_cores
+    for key in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    yield_idle_cores()
+    assert os.environ.get("GOMP_SPINCOUNT") == spin
+
+
+@pytest.mark.parametrize("script", ["train.py", "sample.py"])
+def test_the_scripts_ask_for_it_before_torch_is_imported(script):
+    """OpenMP reads GOMP_SPINCOUNT once, when torch loads it: a later setting would do nothing."""
+    tree = ast.parse((REPO / script).read_text())
+    statements = [ast.unparse(node) for node in tree.body]
+    assert statements.index("yield_idle_cores()") < statements.index("import torch")
+
+
+def test_a_busy_cpu_is_named_and_an_idle_one_or_a_gpu_is_not(monkeypatch):
+    from common import cpu_cores
+    cores = cpu_cores()
+    monkeypatch.setattr(os, "getloadavg", lambda: (cores + 0.5, 0.0, 0.0))
+    assert runtime.busy_cpu_note("cpu").startswith(f"note: the load average is {cores + 0.5:.1f} on {cores} cores")
+    assert runtime.busy_cpu_note("cuda") == ""
+    monkeypatch.setattr(os, "getloadavg", lambda: (cores - 0.5, 9.0, 9.0))  # the last minute is what counts
+    assert runtime.busy_cpu_note("cpu") == ""

@@ -173,3 +173,35 @@ def test_bench_reports_cached_and_recomputed_tokens_per_second(tmp_path):
     rates = dict(re.findall(r"(kv cache|full recompute):\s+([\d.]+) tokens/s", proc.stdout))
     assert set(rates) == {"kv cache", "full recompute"} and all(float(r) > 0 for r in rates.values())
     assert "speed-up" in proc.stdout
+
+
+@pytest.mark.parametrize("args, one", [
+    ([], False),                                        # 3 samples decoded side by side
+    (["--num_samples=1"], True), (["--temperature=0"], True), (["--stream"], True), (["--instruct"], True),
+    (["--num_samples=1", "--prompts_file=p.txt"], False), (["--beam_width=2", "--num_samples=1"], False),
+    (["--instruct_eval=val"], False)])
+def test_auto_threads_take_one_cpu_thread_only_when_one_sequence_is_decoded_at_a_time(args, one):
+    from configurator import parse_args
+    from model import GPT, GPTConfig
+    cfg, _ = parse_args(args, [sample.SampleConfig], "sample.py", "")
+    model = GPT(GPTConfig(block_size=8, vocab_size=10, n_layer=1, n_head=1, n_embd=8))
+    assert sample.decode_threads(cfg, model, "cpu") == (1 if one else 0)
+    assert sample.decode_threads(cfg, model, "cuda") == 0
+    assert sample.decode_threads({**cfg, "threads": 3}, model, "cpu") == 3
+
+
+def test_the_thread_count_is_put_back_after_decoding():
+    import torch
+    before = torch.get_num_threads()
+    with sample.cpu_threads(before + 1):
+        assert torch.get_num_threads() == before + 1
+    with sample.cpu_threads(0):
+        assert torch.get_num_threads() == before
+    assert torch.get_num_threads() == before
+
+
+def test_a_busy_cpu_is_named_after_the_speed_line(char_dir, monkeypatch):
+    monkeypatch.setattr("os.getloadavg", lambda: (9.0, 9.0, 9.0))
+    result = run_main("sample.py", "--out_dir=out", "--max_new_tokens=4", "--num_samples=1", cwd=char_dir)
+    speed, note = result.stderr.strip().splitlines()
+    assert " tokens in " in speed and note.startswith("note: the load average is 9.0 on ") and "A busy CPU" in note

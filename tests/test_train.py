@@ -174,3 +174,11 @@ def test_on_cpu_freed_memory_stays_in_the_process_instead_of_being_mapped_afresh
     mapped = libc.mallinfo2().hblkhd - before
     libc.free(ctypes.c_void_p(block))
     assert block and mapped == 0
+
+
+def test_a_run_on_a_busy_cpu_says_so_at_the_start(workdir, monkeypatch):
+    monkeypatch.setattr(os, "getloadavg", lambda: (64.0, 64.0, 64.0))
+    result = train(workdir, "--out_dir=out", "--max_iters=1", "--eval_interval=1", "--device=cpu")
+    lines = result.stdout.splitlines()
+    note = next(i for i, line in enumerate(lines) if line.startswith("note: the load average is 64.0 on "))
+    assert note < next(i for i, line in enumerate(lines) if line.startswith("step 0:"))
