@@ -136,6 +136,21 @@ def replace_durably(write, path):
     fsync_dir(os.path.dirname(os.path.abspath(path)))
 
 
+def read_text_file(path, what):
+    """The text of a UTF-8 file, or one line saying why it cannot be read."""
+    if os.path.isdir(path):
+        raise UserError(f"{what} {path} is a folder, not a file")
+    if not os.path.isfile(path):
+        raise UserError(f"{what} {path} not found")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except UnicodeDecodeError:
+        raise UserError(f"{what} {path} is not UTF-8 text; convert it to UTF-8 first") from None
+    except OSError as e:
+        raise UserError(f"cannot read {what} {path} ({e.strerror})") from None
+
+
 def make_folder(path, what):
     """os.makedirs, with a refusal (path is a file, under a file, not writable) as one line naming `what`."""
     try:

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from checkpoint import load_checkpoint, save_checkpoint
+from checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from common import ArgumentParser, UserError, description, make_folder, run_cli
 from model import GPTConfig
 
@@ -399,6 +399,17 @@ def load_source(init_from, out_dir=None, with_tokenizer=False):
     return load_checkpoint(init_from)
 
 
+def load_for_inference(init_from, out_dir, device):
+    """The checkpoint (load_source's), its model on the device in eval mode, and its tokenizer."""
+    from tokenizer import load_tokenizer
+    ckpt = load_source(init_from, out_dir, with_tokenizer=True)
+    if not ckpt.get("tokenizer"):
+        raise UserError("the checkpoint records no tokenizer, so its token ids cannot be turned into text; "
+                        "fine-tune it on a prepared dataset first (the run records the dataset's tokenizer)")
+    model = model_from_checkpoint(ckpt).to(device).eval()
+    return ckpt, model, load_tokenizer(ckpt["tokenizer"], ckpt.get("dataset_dir"))
+
+
 def export(ckpt_path, out_dir):
     """Write checkpoint ckpt_path as a Hugging Face folder out_dir: config.json, model.safetensors (LoRA
     adapters folded in), and the tokenizer (tokenizer.json + tokenizer_config.json) where it can be
@@ -416,7 +427,6 @@ def export(ckpt_path, out_dir):
     config = config_to_hf(c, getattr(tok, "bos_token", None), getattr(tok, "eot_token", None))
     weights = ckpt["model"]
     if c.get("lora_rank"):
-        from checkpoint import model_from_checkpoint
         weights, c["lora_rank"] = model_from_checkpoint(ckpt).merge_lora().state_dict(), 0
     tensors = state_dict_to_hf(c, weights)
     make_folder(str(out_dir), "--out")

@@ -1,6 +1,7 @@
 """
-Plot training runs from their metrics.jsonl: loss against iterations and against tokens, and the
-learning rate. Several runs share the axes, one colour each.
+Plot training runs from their metrics.jsonl: loss against iterations and against tokens, the
+learning rate, and, where the runs logged it, val bits per byte (which compares runs with different
+tokenizers). Several runs share the axes, one colour each.
 
   python plot.py out-shakespeare-char-cpu                      # writes out-shakespeare-char-cpu/loss.png
   python plot.py out-a out-b --labels gpt2,llama --out compare.png
@@ -42,7 +43,9 @@ def plot(runs, labels, out_path):
         import matplotlib.pyplot as plt
     except ImportError:
         raise UserError("plot.py needs matplotlib: pip install matplotlib") from None
-    fig, (ax_it, ax_tok, ax_lr) = plt.subplots(1, 3, figsize=(16, 4.5))
+    bpb = any("val/bpb" in r for _, evals in runs for r in evals)
+    fig, axes = plt.subplots(1, 4 if bpb else 3, figsize=(21 if bpb else 16, 4.5))
+    ax_it, ax_tok, ax_lr = axes[:3]
     for (logs, evals), label, color in zip(runs, labels, plt.rcParams["axes.prop_cycle"].by_key()["color"] * 10):
         for ax, x in ((ax_it, "iter"), (ax_tok, "tokens")):
             if logs:
@@ -54,10 +57,16 @@ def plot(runs, labels, out_path):
                         label=f"{label} train")
         if logs:
             ax_lr.plot([r["iter"] for r in logs], [r["lr"] for r in logs], color=color, label=label)
+        with_bpb = [r for r in evals if "val/bpb" in r]
+        if with_bpb:
+            axes[3].plot([r["iter"] for r in with_bpb], [r["val/bpb"] for r in with_bpb], "o-", color=color, ms=3,
+                         label=label)
     ax_it.set(xlabel="iteration", ylabel="loss", title="loss (faint: every log line)")
     ax_tok.set(xlabel="tokens seen", ylabel="loss", title="loss against tokens")
     ax_lr.set(xlabel="iteration", ylabel="learning rate", title="learning rate")
-    for ax in (ax_it, ax_tok, ax_lr):
+    if bpb:
+        axes[3].set(xlabel="iteration", ylabel="bits per byte", title="val bits per byte (any tokenizer)")
+    for ax in axes:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()

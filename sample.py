@@ -33,13 +33,12 @@ yield_idle_cores()  # before torch loads OpenMP
 import torch
 
 import runtime
-from checkpoint import model_from_checkpoint
-from common import UserError, description, read_meta, run_cli
+from common import UserError, description, read_meta, read_text_file, run_cli
 from configurator import parse_args
 from decoding import beam_search, generate_batch
-from hf import load_source
+from hf import load_for_inference
 from model import GPT, GPTConfig
-from tokenizer import StreamDecoder, load_tokenizer
+from tokenizer import StreamDecoder
 
 
 @dataclass
@@ -94,21 +93,6 @@ def check_settings(cfg):
     if cfg["beam_width"] > 1 and cfg["stream"]:
         raise UserError("--stream cannot show beam search (the best beam is known only at the end); "
                           "drop --stream or use --beam_width=1")
-
-
-def read_text_file(path, what):
-    """The text of a UTF-8 file, or one line saying why it cannot be read."""
-    if os.path.isdir(path):
-        raise UserError(f"{what} {path} is a folder, not a file")
-    if not os.path.isfile(path):
-        raise UserError(f"{what} {path} not found")
-    try:
-        with open(path, encoding="utf-8") as f:
-            return f.read()
-    except UnicodeDecodeError:
-        raise UserError(f"{what} {path} is not UTF-8 text; convert it to UTF-8 first") from None
-    except OSError as e:
-        raise UserError(f"cannot read {what} {path} ({e.strerror})") from None
 
 
 def read_prompt(start):
@@ -167,17 +151,6 @@ class StopText:
             if self.stop and self.stop in self.text:
                 self.text = self.text[:self.text.index(self.stop)]
         return self._release(len(self.text))
-
-
-def load(cfg, device):
-    """The checkpoint (ours or a Hugging Face folder), its model on the device, and its tokenizer."""
-    ckpt = load_source(cfg["init_from"], cfg["out_dir"], with_tokenizer=True)
-    if not ckpt.get("tokenizer"):
-        raise UserError("the checkpoint records no tokenizer, so its token ids cannot be turned into text; "
-                        "fine-tune it on a prepared dataset first (the run records the dataset's tokenizer)")
-    model = model_from_checkpoint(ckpt).to(device).eval()
-    tokenizer = load_tokenizer(ckpt["tokenizer"], ckpt.get("dataset_dir"))
-    return ckpt, model, tokenizer
 
 
 def unescape(text):
@@ -395,7 +368,7 @@ def main(argv):
     if cfg["bench"]:
         with cpu_threads(cfg["threads"]):
             return bench(cfg, rt.device)
-    ckpt, model, tokenizer = load(cfg, rt.device)
+    ckpt, model, tokenizer = load_for_inference(cfg["init_from"], cfg["out_dir"], rt.device)
     threads = decode_threads(cfg, model, rt.device)
     if cfg["compile"]:
         model = torch.compile(model, dynamic=True)  # the context grows every step: one graph for all lengths

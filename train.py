@@ -48,6 +48,7 @@ from checkpoint import (describe_tokenizer, load_sharded, lora_state_dict, resum
 from common import UserError, description, first_line, hold_folder, read_meta, run_cli
 from configurator import parse_args
 from decoding import generate_batch
+from eval import bits_per_byte, nats_and_bytes, token_bytes, totals_on
 from hf import load_source
 from model import GPT, GPTConfig, preset_config
 from optim import get_lr, make_optimizer, set_lr
@@ -462,11 +463,12 @@ class Run:
         self.local_accum = cfg["gradient_accumulation_steps"] // self.rt.world
         self.tokens_per_iter = cfg["gradient_accumulation_steps"] * cfg["batch_size"] * block_size
         torch.manual_seed(cfg["seed"] + self.rt.rank)  # dropout differs per process; batches don't (see Batches)
-        self.class_weight = None
+        self.class_weight = self.token_bytes = None
         if self.task == "lm":
             self.splits = {s: Batches(os.path.join(self.data_dir, f"{s}.bin"), self.meta["dtype"], block_size,
                                       cfg["batch_size"], self.rt.device, cfg["seed"] + (0 if s == "train" else 1))
                            for s in ("train", "val")}
+            self.token_bytes = self.open_token_bytes()
             return
         from tasks import ExampleBatches
         self.splits = {s: ExampleBatches(self.data_dir, s, self.meta, block_size, cfg["batch_size"], self.rt.device,
@@ -595,10 +597,23 @@ class Run:
         just_resumed = self.resuming and self.iter_num == self.start_iter and self.resumed_evaluated
         return (self.iter_num % cfg["eval_interval"] == 0 or self.iter_num >= cfg["max_iters"]) and not just_resumed
 
+    def open_token_bytes(self):
+        """(vocab_size,) bytes per token id on the device, for val/bpb; None (no val/bpb) where the dataset's
+        tokenizer cannot be loaded here, e.g. GPT-2's vocabulary offline."""
+        from tokenizer import dataset_tokenizer
+        try:
+            tokenizer = dataset_tokenizer(self.data_dir)
+        except UserError as e:
+            if self.rt.master:
+                print(f"note: no val/bpb: {e}")
+            return None
+        return token_bytes(tokenizer, self.raw_model.config.vocab_size).to(self.rt.device)
+
     @torch.no_grad()
     def evaluate(self):
-        """Mean loss over eval_iters fixed batches per split, shared out over the processes; a task's
-        datasets are evaluated on whole examples, all of val (see tasks.evaluate_split)."""
+        """Mean loss over eval_iters fixed batches per split, shared out over the processes, and val/bpb,
+        the bits per byte of the same val batches (eval.py); a task's datasets are evaluated on whole
+        examples, all of val (see tasks.evaluate_split)."""
         if self.task != "lm":
             return self.evaluate_task()
         cfg, rt = self.cfg, self.rt
@@ -609,16 +624,22 @@ class Run:
             high = len(batches.data) - batches.block_size
             starts = torch.randint(high, (cfg["eval_iters"], cfg["batch_size"]), generator=g).numpy()
             total = torch.zeros(2, device=rt.device)
+            nats_bytes = totals_on(rt.device)  # for val/bpb, on the same batches
             # fsdp: every process runs as many forwards, each of which gathers the weights from all of them
             n = -(-cfg["eval_iters"] // rt.world) * rt.world if self.sharded else cfg["eval_iters"]
             for k in range(rt.rank, n, rt.world):
                 x, y = batches.get(starts[k % cfg["eval_iters"]])
                 with rt.autocast(enabled=not self.sharded):
-                    _, loss = self.model(x, y)
+                    logits, loss = self.model(x, y)
                 if k < cfg["eval_iters"]:
                     total += torch.stack([loss.float(), torch.ones((), device=rt.device)])
+                    if split == "val" and self.token_bytes is not None:
+                        nats_bytes += nats_and_bytes(logits, y, self.token_bytes)
             rt.total(total)
             out[split] = (total[0] / total[1]).item()
+            if split == "val" and self.token_bytes is not None:
+                rt.total(nats_bytes)
+                out["val/bpb"] = bits_per_byte(nats_bytes)
         self.model.train()
         return out
 

@@ -297,16 +297,17 @@ def test_an_instruct_run_lowers_the_response_loss_and_answers_in_the_template(in
 
 
 def counted_model(monkeypatch):
-    """Makes sample.py's model count its forwards; returns the list the counter will be put in."""
-    import sample
-    counters, build = [], sample.model_from_checkpoint
+    """Makes sample.py's model (built by hf.load_for_inference) count its forwards; returns the list the
+    counter will be put in."""
+    import hf
+    counters, build = [], hf.model_from_checkpoint
 
     def counting(ckpt):
         model = build(ckpt)
         counters.append(CountingForward(model))
         return model
 
-    monkeypatch.setattr(sample, "model_from_checkpoint", counting)
+    monkeypatch.setattr(hf, "model_from_checkpoint", counting)
     return counters
 
 

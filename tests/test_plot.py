@@ -8,7 +8,7 @@ from conftest import TINY_MODEL, one_line_error, run_main
 pytest.importorskip("matplotlib")
 
 
-def write_metrics(folder, scale):
+def write_metrics(folder, scale, bpb=False):
     """A metrics.jsonl as train.py writes it: a log line every 10 iterations, an evaluation every 50."""
     folder.mkdir()
     with open(folder / "metrics.jsonl", "w") as f:
@@ -16,7 +16,8 @@ def write_metrics(folder, scale):
             f.write(json.dumps({"iter": it, "tokens": it * 256, "loss": scale * 4 / (1 + it / 50), "lr": 1e-3}) + "\n")
             if it % 50 == 0:
                 f.write(json.dumps({"iter": it, "tokens": it * 256, "train/loss": scale * 4 / (1 + it / 50),
-                                    "val/loss": scale * 4.1 / (1 + it / 50), "elapsed_s": it / 10}) + "\n")
+                                    "val/loss": scale * 4.1 / (1 + it / 50), "elapsed_s": it / 10,
+                                    **({"val/bpb": scale * 5.9 / (1 + it / 50)} if bpb else {})}) + "\n")
 
 
 def is_png(path):
@@ -30,6 +31,19 @@ def test_plot_writes_a_png_for_one_run_and_for_several(tmp_path):
     run_main("plot.py", "a", cwd=tmp_path)
     run_main("plot.py", "a", "b", "--labels=first,second", "--out=both.png", cwd=tmp_path)
     assert is_png(tmp_path / "a" / "loss.png") and is_png(tmp_path / "both.png")
+
+
+def png_width(path):
+    return int.from_bytes(path.read_bytes()[16:20], "big")  # the IHDR chunk's width
+
+
+def test_runs_that_logged_bits_per_byte_get_a_fourth_panel_for_it(tmp_path):
+    write_metrics(tmp_path / "plain", 1.0)
+    write_metrics(tmp_path / "char", 1.0, bpb=True)
+    write_metrics(tmp_path / "bpe", 0.8, bpb=True)
+    run_main("plot.py", "plain", cwd=tmp_path)
+    run_main("plot.py", "char", "bpe", "--out=bpb.png", cwd=tmp_path)
+    assert png_width(tmp_path / "bpb.png") > 1.2 * png_width(tmp_path / "plain" / "loss.png")
 
 
 @pytest.mark.slow
