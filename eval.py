@@ -7,6 +7,7 @@ any prepared dataset.
   python eval.py --out_dir=out --tasks=bpb --text=FILE:book.txt       # bpb of a text file, in sliding windows
   python eval.py --out_dir=out --tasks=mc --mc_file=questions.jsonl   # {"context", "choices", "label"} per line
   python eval.py --init_from=gpt2 --tasks=hellaswag --limit=500       # HellaSwag's val split (downloaded once)
+  python eval.py --bench                                              # scoring speed: questions/s, tokens/s
 
 Writes eval.json beside the checkpoint (or --out) and prints a table: one line per task with its
 metric, value, standard error and number of examples. A later run on the same checkpoint adds its
@@ -70,6 +71,7 @@ class EvalConfig:
     out: str = ""                  # where eval.json goes ("" : beside the checkpoint)
     device: str = "auto"           # auto | cpu | cuda | cuda:N | mps
     dtype: str = "auto"            # auto | float32 | bfloat16 | float16 (as train.py's)
+    bench: bool = False            # scoring speed on two random models (the CPU config's shape and 6x384); no checkpoint
 
 
 # -----------------------------------------------------------------------------------------------
@@ -171,9 +173,9 @@ def score_windows(model, tokens, starts, block_size, nbytes, autocast=nullcontex
 
 def encode_pair(tokenizer, context, continuation):
     """Token ids of context and of continuation as lm-eval splits them: the whole string encoded once,
-    the continuation being what follows the context's own encoding (a trailing space of the context
-    moves to the continuation)."""
-    spaces = len(context) - len(context.rstrip(" "))
+    the continuation being what follows the context's own encoding (trailing whitespace of the context
+    moves to the continuation first)."""
+    spaces = len(context) - len(context.rstrip())
     if spaces:
         context, continuation = context[:-spaces], context[-spaces:] + continuation
     whole = tokenizer.encode(context + continuation)
@@ -460,10 +462,46 @@ def print_table(rows):
         print(f"{r['task']:<16} {r['metric']:<10} {r['value']:>8.4f} {se:>8} {r['examples']:>9,}")
 
 
+def bench(cfg, rt):
+    """Questions per second (cloze; multiple choice of 4 choices of about 30 characters after about 100)
+    and bpb tokens per second, on randomly initialised char-vocabulary models (speed ignores the weights)."""
+    import time
+    from model import GPT, GPTConfig
+    from tokenizer import CharTokenizer
+    rng = np.random.default_rng(cfg["seed"])
+    tok = CharTokenizer("".join(chr(c) for c in range(32, 97)))  # 65 characters, as shakespeare_char's
+    tokens = rng.integers(0, tok.vocab_size, 100_000)
+    text = lambda n: tok.decode(rng.integers(0, tok.vocab_size, n).tolist())  # noqa: E731
+    mc = [(text(100), [text(int(rng.integers(20, 40))) for _ in range(4)], 0) for _ in range(40)]
+    # (name, shape, cloze questions, multiple-choice questions, bpb tokens): about as long for each
+    shapes = [("4x128, block 64 (the CPU config)", dict(n_layer=4, n_head=4, n_embd=128, block_size=64, bias=False),
+               100, 40, 20_000),
+              ("6x384, block 256", dict(n_layer=6, n_head=6, n_embd=384, block_size=256), 10, 10, 4_000)]
+    print(f"on {rt.device}, {rt.dtype}, {torch.get_num_threads()} threads")
+    for name, shape, n_cloze, n_mc, n_tokens in shapes:
+        torch.manual_seed(cfg["seed"])
+        model = GPT(GPTConfig(vocab_size=tok.vocab_size, dropout=0.0, **shape)).to(rt.device).eval()
+        block = shape["block_size"]
+        cloze = cloze_questions(tokens, n_cloze, block - cfg["cloze_tokens"], cfg["cloze_tokens"], cfg["seed"])
+        rates = []
+        for run, n in ((lambda: score_cloze(model, cloze, rt.autocast), n_cloze),
+                       (lambda: score_choices(model, tok, mc[:n_mc], block, rt.autocast), n_mc),
+                       (lambda: score_stream(model, tokens[:n_tokens], token_bytes(tok, tok.vocab_size), block,
+                                             block // 2, cfg["batch_size"], rt.autocast), n_tokens)):
+            run()  # warm-up
+            t0 = time.perf_counter()
+            run()
+            rates.append(n / (time.perf_counter() - t0))
+        print(f"{name}: cloze {rates[0]:,.1f} questions/s, multiple choice {rates[1]:,.1f} questions/s, "
+              f"bpb {rates[2]:,.0f} tokens/s (stride {block // 2})")
+
+
 def main(argv):
     cfg, _ = parse_args(argv, [EvalConfig], "eval.py", description(__doc__))
     tasks = check_settings(cfg)
     rt = runtime.local(cfg["device"], cfg["dtype"])
+    if cfg["bench"]:
+        return bench(cfg, rt)
     ckpt, model, tokenizer = load_for_inference(cfg["init_from"], cfg["out_dir"], rt.device)
     if model.config.n_classes:
         raise UserError("this checkpoint is a classifier: eval.py measures language models (a classifier's "

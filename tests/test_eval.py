@@ -264,3 +264,14 @@ def test_hellaswag_offline_is_one_line_and_leaves_no_file(trained, tmp_path, mon
     result = run_main("eval.py", "--out_dir=out", "--tasks=hellaswag", "--device=cpu", cwd=folder, check=False)
     assert result.returncode == 2 and "could not download HellaSwag" in result.stderr
     assert "data/hellaswag/" in result.stderr and not (folder / "data" / "hellaswag" / "hellaswag_val.jsonl").exists()
+
+
+@pytest.mark.slow
+def test_bench_reports_scoring_speed_for_both_shapes(tmp_path):
+    out = run_main("eval.py", "--bench", "--device=cpu", cwd=tmp_path).stdout.splitlines()
+    rows = [line for line in out if "questions/s" in line]
+    assert [r.split(":")[0] for r in rows] == ["4x128, block 64 (the CPU config)", "6x384, block 256"]
+    for r in rows:
+        numbers = [float(w.replace(",", "")) for w in r.split() if w.replace(",", "").replace(".", "").isdigit()]
+        assert len(numbers) >= 3 and all(n > 0 for n in numbers)
+    assert not any(tmp_path.iterdir())  # a benchmark writes nothing
