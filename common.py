@@ -136,6 +136,21 @@ def replace_durably(write, path):
     fsync_dir(os.path.dirname(os.path.abspath(path)))
 
 
+def download(url, path, offline, log=None):
+    """Fetch url into path, whole or not at all (replace_durably); a failure is one line ending in
+    `offline`, what to do without the network. Progress goes to log (default stdout)."""
+    import urllib.request
+    print(f"downloading {url}", file=log or sys.stdout)
+
+    def fetch(f):
+        with urllib.request.urlopen(url, timeout=30) as r:
+            f.write(r.read())
+    try:
+        replace_durably(fetch, path)
+    except OSError as e:
+        raise UserError(f"could not download {url} ({getattr(e, 'reason', e)}); offline, {offline}") from None
+
+
 def read_text_file(path, what):
     """The text of a UTF-8 file, or one line saying why it cannot be read."""
     if os.path.isdir(path):

@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 
 import runtime
-from common import UserError, description, first_line, read_meta, read_text_file, run_cli, write_json_atomic
+from common import UserError, description, download, read_meta, read_text_file, run_cli, write_json_atomic
 from configurator import parse_args
 from hf import load_for_inference
 
@@ -288,18 +288,9 @@ def hellaswag_file(split):
     """data/hellaswag/hellaswag_SPLIT.jsonl, downloaded from HellaSwag's repository the first time."""
     path = os.path.join("data", "hellaswag", f"hellaswag_{split}.jsonl")
     if not os.path.isfile(path):
-        import urllib.request
-        from common import replace_durably
-        url = HELLASWAG_URL.format(split=split)
-        print(f"downloading {url}", file=sys.stderr)
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        try:
-            with urllib.request.urlopen(url, timeout=60) as response:
-                body = response.read()
-        except OSError as e:
-            raise UserError(f"could not download HellaSwag ({first_line(e)}); offline, put its "
-                            f"hellaswag_{split}.jsonl in data/hellaswag/, or use --tasks=mc --mc_file=FILE") from None
-        replace_durably(lambda f: f.write(body), path)
+        download(HELLASWAG_URL.format(split=split), path, f"put HellaSwag's hellaswag_{split}.jsonl in "
+                 f"data/hellaswag/, or use --tasks=mc --mc_file=FILE", log=sys.stderr)
     return path
 
 

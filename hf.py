@@ -437,12 +437,18 @@ def export(ckpt_path, out_dir):
         src = Path(ckpt["tokenizer"]["file"])
         (out / src.name).write_bytes(src.read_bytes())
     elif tok is not None:
-        from tokenizer import hf_tokenizer_config, hf_tokenizer_json
-        (out / "tokenizer.json").write_text(json.dumps(hf_tokenizer_json(tok), ensure_ascii=False), encoding="utf-8")
-        (out / "tokenizer_config.json").write_text(json.dumps(hf_tokenizer_config(tok, c["block_size"]), indent=2)
-                                                   + "\n", encoding="utf-8")
+        write_tokenizer(tok, out, c["block_size"])
     ordinary_permissions(out)
     return config, note
+
+
+def write_tokenizer(tok, folder, max_length):
+    """tok as transformers reads it: folder/tokenizer.json and folder/tokenizer_config.json."""
+    from tokenizer import hf_tokenizer_config, hf_tokenizer_json
+    folder = Path(folder)
+    (folder / "tokenizer.json").write_text(json.dumps(hf_tokenizer_json(tok), ensure_ascii=False), encoding="utf-8")
+    (folder / "tokenizer_config.json").write_text(json.dumps(hf_tokenizer_config(tok, max_length), indent=2) + "\n",
+                                                  encoding="utf-8")
 
 
 def export_tokenizer(ckpt):

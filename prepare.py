@@ -30,13 +30,12 @@ import shutil
 import socket
 import sys
 import time
-import urllib.request
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from common import ArgumentParser, UserError, cpu_cores, description, first_line, make_folder, run_cli, token_dtype, write_meta
+from common import ArgumentParser, UserError, cpu_cores, description, download, first_line, make_folder, run_cli, token_dtype, write_meta
 from tasks import prepare_task
 from tokenizer import BPE_FILE, PATTERNS, CharTokenizer, bpe_tokenizer, dataset_tokenizer, gpt2_tokenizer, save_bpe, train_bpe
 
@@ -56,21 +55,6 @@ MAX_CARRY = 16  # pieces of text without a safe place before one is cut anyway, 
 
 # -----------------------------------------------------------------------------------------------
 # reading text
-
-def download(url, path):
-    """Fetch url into path (via a temporary file, so a broken download leaves nothing behind)."""
-    print(f"downloading {url}")
-    tmp = path + ".tmp"
-    try:
-        with urllib.request.urlopen(url, timeout=30) as r, open(tmp, "wb") as f:
-            f.write(r.read())
-    except OSError as e:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise UserError(f"could not download {url} ({getattr(e, 'reason', e)}); offline, pass a local copy "
-                           f"with --input PATH") from None
-    os.replace(tmp, path)
-
 
 def list_files(path):
     """The files to read: the file itself, or a folder's .txt files (else its .jsonl files) in sorted order."""
@@ -579,7 +563,7 @@ def known_corpus_copy(name, input_path, out_dir):
         shutil.copyfile(input_path, corpus_copy)
     elif input_path is None and not os.path.exists(corpus_copy):
         make_folder(out_dir, "--out")
-        download(KNOWN[name][1], corpus_copy)
+        download(KNOWN[name][1], corpus_copy, "pass a local copy with --input PATH")
     return corpus_copy
 
 

@@ -262,7 +262,7 @@ def test_hellaswag_offline_is_one_line_and_leaves_no_file(trained, tmp_path, mon
     monkeypatch.setattr(urllib.request, "urlopen", offline)
     folder = copy_run(trained, tmp_path / "run")
     result = run_main("eval.py", "--out_dir=out", "--tasks=hellaswag", "--device=cpu", cwd=folder, check=False)
-    assert result.returncode == 2 and "could not download HellaSwag" in result.stderr
+    assert result.returncode == 2 and f"could not download {ev.HELLASWAG_URL.format(split='val')}" in result.stderr
     assert "data/hellaswag/" in result.stderr and not (folder / "data" / "hellaswag" / "hellaswag_val.jsonl").exists()
 
 

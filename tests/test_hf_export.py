@@ -11,7 +11,7 @@ from conftest import SHAKESPEARE, TINY_MODEL, one_line_error, prepare_tiny, run_
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("safetensors")
 import hf  # noqa: E402
-from tokenizer import (CharTokenizer, bpe_tokenizer, gpt2_tokenizer, hf_tokenizer_config, hf_tokenizer_json,  # noqa: E402
+from tokenizer import (CharTokenizer, bpe_tokenizer, gpt2_tokenizer, hf_tokenizer_json,  # noqa: E402
                        load_tokenizer, train_bpe)
 
 RANGES = [(0x20, 0x7E), (0xA0, 0x24F), (0x370, 0x3FF), (0x4E00, 0x9FFF), (0x1F300, 0x1FAFF), (0x09, 0x0A)]
@@ -34,8 +34,7 @@ def shakespeare_lines(corpus_text, n=1000):
 def auto_tokenizer(tok, folder):
     """transformers' AutoTokenizer over the tokenizer.json and tokenizer_config.json hf.py writes for tok."""
     folder.mkdir()
-    (folder / "tokenizer.json").write_text(json.dumps(hf_tokenizer_json(tok), ensure_ascii=False), encoding="utf-8")
-    (folder / "tokenizer_config.json").write_text(json.dumps(hf_tokenizer_config(tok, 256)), encoding="utf-8")
+    hf.write_tokenizer(tok, folder, 256)
     return transformers.AutoTokenizer.from_pretrained(str(folder))
 
 

@@ -7,6 +7,7 @@ import random
 import pytest
 
 from conftest import run_main
+from hf import write_tokenizer
 
 lm_eval = pytest.importorskip("lm_eval")
 transformers = pytest.importorskip("transformers")
@@ -78,13 +79,6 @@ def ours(model_dir, data, tmp_path):
     return tuple(r["value"] for r in rows)
 
 
-def save_tokenizer(tok, folder, max_length):
-    """tok written as tokenizer.json + tokenizer_config.json, as hf.py export writes it."""
-    from tokenizer import hf_tokenizer_config, hf_tokenizer_json
-    (folder / "tokenizer.json").write_text(json.dumps(hf_tokenizer_json(tok), ensure_ascii=False), encoding="utf-8")
-    (folder / "tokenizer_config.json").write_text(json.dumps(hf_tokenizer_config(tok, max_length)), encoding="utf-8")
-
-
 def tiny_gpt2(folder):
     """GPT-2's shape at a tiny size, random weights, and GPT-2's own tokenizer (from ../shared's files)."""
     import torch
@@ -92,7 +86,7 @@ def tiny_gpt2(folder):
     torch.manual_seed(0)
     config = transformers.GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=128, vocab_size=50257)
     transformers.GPT2LMHeadModel(config).save_pretrained(folder)
-    save_tokenizer(gpt2_tokenizer(), folder, 128)
+    write_tokenizer(gpt2_tokenizer(), folder, 128)
     return folder
 
 
@@ -107,7 +101,7 @@ def tiny_llama(folder, corpus_text):
                                       max_position_embeddings=128, tie_word_embeddings=False,
                                       bos_token_id=tok.eot_token, eos_token_id=tok.eot_token)
     transformers.LlamaForCausalLM(config).save_pretrained(folder)
-    save_tokenizer(tok, folder, 128)
+    write_tokenizer(tok, folder, 128)
     return folder
 
 
