@@ -1,12 +1,14 @@
 """
 Measure what a model knows: bits per byte on a dataset split or any text, multiple-choice benchmarks
-scored as the lm-evaluation-harness scores them (HellaSwag's protocol), and a cloze test built from
-any prepared dataset.
+scored as the lm-evaluation-harness scores them (HellaSwag's protocol), a cloze test built from any
+prepared dataset, an instruction model's response loss, and any task of the lm-evaluation-harness.
 
   python eval.py --out_dir=out-shakespeare-char-cpu                  # bpb of its dataset's val split, and the cloze test
   python eval.py --out_dir=out --tasks=bpb --text=FILE:book.txt       # bpb of a text file, in sliding windows
   python eval.py --out_dir=out --tasks=mc --mc_file=questions.jsonl   # {"context", "choices", "label"} per line
   python eval.py --init_from=gpt2 --tasks=hellaswag --limit=500       # HellaSwag's val split (downloaded once)
+  python eval.py --out_dir=out-instruct --split=test                  # response loss, perplexity, end-of-text share
+  python eval.py --out_dir=out --lm_eval_tasks=arc_easy               # the lm-evaluation-harness (pip install lm-eval)
   python eval.py --bench                                              # scoring speed: questions/s, tokens/s
 
 Writes eval.json beside the checkpoint (or --out) and prints a table: one line per task with its
@@ -14,25 +16,16 @@ metric, value, standard error and number of examples. A later run on the same ch
 tasks to eval.json (and replaces those it ran again).
 
 Design choices:
-- Bits per byte: the summed next-token cross-entropy in bits over the UTF-8 bytes of the predicted
-  tokens, each token counted by its own bytes (token_bytes), so models with different tokenizers
-  compare. Special tokens (end-of-text) have no bytes, and their losses are left out.
-- A text longer than the context is scored in sliding windows (score_stream): each window predicts
-  only tokens no earlier window predicted, with at least block_size - stride tokens of context.
-- Multiple choice as lm-eval does it: a choice's score is the summed log-probability of " " + choice
-  after the context (the context encoded alone, the choice's tokens being the rest of the encoding
-  of the two together); acc takes the best sum, acc_norm the best sum per character of the choice. The choices of one
-  question go through the model as one right-padded batch.
-- The cloze test: a context from the split, its true continuation and three of the same number of
-  tokens from elsewhere in the split, all fixed by the seed: two runs see the same questions, and
-  chance is 25%.
+- The scoring itself is benchmarks.py's (bits per byte, multiple choice, cloze); this file picks the
+  data a task reads (a dataset split, a text, a question file) and writes the results.
+- --tasks=auto measures what the checkpoint's dataset is for: bpb and cloze for a language-model
+  dataset, the response loss and the end-of-text share for an instruct one.
+- lm-eval's tasks run through lm_eval_adapter.py, imported only when --lm_eval_tasks asks.
 """
 import json
 import math
 import os
-import re
 import sys
-from contextlib import nullcontext
 from dataclasses import dataclass
 
 from common import yield_idle_cores
@@ -40,23 +33,23 @@ yield_idle_cores()  # before torch loads OpenMP
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 import runtime
-from common import UserError, description, download, read_meta, read_text_file, run_cli, write_json_atomic
+from benchmarks import (benchmark_questions, benchmark_scores, bits_per_byte, check_task_names, cloze_questions,
+                        mean_and_stderr, score_choices, score_cloze, score_stream, token_bytes)
+from common import UserError, description, read_meta, read_text_file, run_cli, write_json_atomic
 from configurator import parse_args
 from hf import load_for_inference
 
-TASKS = ("bpb", "cloze", "mc", "hellaswag")
-HELLASWAG_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_{split}.jsonl"
+TASKS = ("bpb", "cloze", "mc", "hellaswag", "instruct")
 
 
 @dataclass
 class EvalConfig:
     out_dir: str = "out"           # folder of the checkpoint to evaluate (its ckpt.pt); eval.json goes there
     init_from: str = "resume"      # resume (out_dir/ckpt.pt) | PATH of a checkpoint file or folder, or a Hugging Face folder | gpt2*
-    tasks: str = "bpb,cloze"       # comma-separated: bpb | cloze | mc (--mc_file) | hellaswag
-    split: str = "val"             # the dataset split that bpb and cloze read (train | val)
+    tasks: str = "auto"            # comma-separated: bpb | cloze | mc (--mc_file) | hellaswag | instruct; auto: bpb,cloze (instruct for an instruct dataset)
+    split: str = "val"             # the dataset split that bpb, cloze and instruct read (train | val | test)
     dataset: str = ""              # a prepared dataset folder; "" is the one the checkpoint was trained on
     text: str = ""                 # bpb of this text instead of a split (FILE:path reads a file)
     stride: int = 0                # sliding window: tokens newly predicted per window (0: half of block_size)
@@ -66,7 +59,11 @@ class EvalConfig:
     limit: int = 0                 # at most this many questions per multiple-choice task (0: all)
     cloze_questions: int = 1000    # questions in the cloze test
     cloze_tokens: int = 16         # tokens in each continuation of the cloze test
-    batch_size: int = 16           # windows per forward pass for bpb
+    batch_size: int = 16           # windows (bpb), examples (instruct) or requests (lm-eval) per forward pass
+    max_new_tokens: int = 100      # instruct: the longest answer generated
+    lm_eval_tasks: str = ""        # comma-separated tasks of the lm-evaluation-harness (pip install lm-eval), through lm_eval_adapter.py
+    lm_eval_include: str = ""      # a folder of local lm-eval task YAMLs (offline: dataset_path json + data_files)
+    lm_eval_fewshot: int = -1      # few-shot examples for the lm-eval tasks (-1: each task's own default)
     seed: int = 1337               # fixes the cloze test's questions
     out: str = ""                  # where eval.json goes ("" : beside the checkpoint)
     device: str = "auto"           # auto | cpu | cuda | cuda:N | mps
@@ -75,320 +72,62 @@ class EvalConfig:
 
 
 # -----------------------------------------------------------------------------------------------
-# bits per byte
-
-def token_bytes(tokenizer, vocab_size):
-    """(vocab_size,) the UTF-8 bytes each token id stands for: 0 for special tokens and for ids past the
-    tokenizer's vocabulary (a model's vocabulary is often padded)."""
-    special = set()
-    enc = getattr(tokenizer, "enc", None)
-    if enc is not None:
-        special = {enc.encode_single_token(t) for t in enc.special_tokens_set}
-    special |= {t for t in (tokenizer.eot_token, tokenizer.bos_token, *tokenizer.stop_tokens) if t is not None}
-    counts = torch.zeros(vocab_size, dtype=torch.long)
-    for i in range(min(vocab_size, tokenizer.vocab_size)):
-        if i not in special:
-            try:
-                counts[i] = len(tokenizer.decode_bytes([i]))
-            except (KeyError, ValueError):  # a hole in a tiktoken vocabulary
-                pass
-    return counts
-
-
-def totals_on(device):
-    """A zero (nats, bytes, tokens) accumulator: float64, except on Apple's MPS, which has none."""
-    device = torch.device(device)
-    return torch.zeros(3, dtype=torch.float32 if device.type == "mps" else torch.float64, device=device)
-
-
-def nats_and_bytes(logits, targets, nbytes):
-    """logits (B, T, V), targets (B, T) with -1 where nothing is predicted, nbytes (V,) -> (3,): the summed
-    cross-entropy in nats of the targets that have bytes, their bytes, their count (totals_on's type)."""
-    nll = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-1, reduction="none")
-    b = torch.where(targets.flatten() >= 0, nbytes.to(targets.device)[targets.flatten().clamp(min=0)], 0)
-    counted = b > 0
-    dtype = totals_on(logits.device).dtype
-    return torch.stack([(nll.to(dtype) * counted).sum(), b.sum().to(dtype), counted.sum().to(dtype)])
-
-
-def bits_per_byte(totals):
-    """From summed (nats, bytes, tokens): bits per byte."""
-    nats, nbytes, _ = (float(v) for v in totals)
-    return nats / math.log(2) / nbytes if nbytes else float("nan")
-
-
-def stream_windows(n, block_size, stride):
-    """Sliding windows over a stream of n tokens: (start, length, first) per window, where the window
-    reads tokens [start, start + length) and predicts the next token of each, of which those from
-    position `first` on are new. Every token after the first is predicted exactly once."""
-    windows, done = [], 1  # done: the first token (index) not yet predicted
-    while done < n:
-        end = min(n, block_size + 1 if done == 1 else done + stride)  # predict tokens [done, end)
-        start = max(0, end - 1 - block_size)
-        windows.append((start, end - 1 - start, done - 1 - start))
-        done = end
-    return windows
-
-
-@torch.no_grad()
-def score_stream(model, ids, nbytes, block_size, stride, batch_size, autocast=nullcontext):
-    """Summed (nats, bytes, tokens) of a token stream ids (1-D numpy, a memmap too, or a list), in sliding
-    windows."""
-    ids = np.asarray(ids)
-    device = next(model.parameters()).device
-    totals = totals_on(device)
-    windows = stream_windows(len(ids), block_size, stride)
-    for i in range(0, len(windows), batch_size):
-        group = windows[i:i + batch_size]
-        width = max(length for _, length, _ in group)
-        x = torch.zeros(len(group), width, dtype=torch.long)
-        y = torch.full((len(group), width), -1, dtype=torch.long)
-        for row, (start, length, first) in enumerate(group):
-            window = torch.from_numpy(ids[start:start + length + 1].astype(np.int64))  # read from disk only now
-            x[row, :length] = window[:-1]
-            y[row, first:length] = window[first + 1:]
-        with autocast():
-            logits, _ = model(x.to(device))
-        totals += nats_and_bytes(logits, y.to(device), nbytes)
-    return totals.cpu()
-
-
-@torch.no_grad()
-def score_windows(model, tokens, starts, block_size, nbytes, autocast=nullcontext):
-    """Summed (nats, bytes, tokens) of the windows tokens[s : s + block_size + 1], s in each row of starts
-    (batches, B), each predicting all of its block_size tokens: train.py's evaluation batches."""
-    device = next(model.parameters()).device
-    totals = totals_on(device)
-    offsets = np.arange(block_size + 1)
-    for row in np.asarray(starts):
-        xy = torch.from_numpy(np.asarray(tokens)[row[:, None] + offsets].astype(np.int64)).to(device)
-        with autocast():
-            logits, _ = model(xy[:, :-1])
-        totals += nats_and_bytes(logits, xy[:, 1:], nbytes)
-    return totals.cpu()
-
-
-# -----------------------------------------------------------------------------------------------
-# multiple choice
-
-def encode_pair(tokenizer, context, continuation):
-    """Token ids of context and of continuation as lm-eval splits them: the whole string encoded once,
-    the continuation being what follows the context's own encoding (trailing whitespace of the context
-    moves to the continuation first)."""
-    spaces = len(context) - len(context.rstrip())
-    if spaces:
-        context, continuation = context[:-spaces], context[-spaces:] + continuation
-    whole = tokenizer.encode(context + continuation)
-    ctx = tokenizer.encode(context) if context else []
-    return ctx, whole[len(ctx):]
-
-
-@torch.no_grad()
-def choice_logprobs(model, tokenizer, context, choices, block_size, autocast=nullcontext):
-    """The summed log-probability of each choice's tokens after the context, from one padded batch."""
-    seqs, lengths = [], []
-    for choice in choices:
-        ctx, cont = encode_pair(tokenizer, context, choice)
-        if not ctx:  # nothing to condition on: start after the end-of-text token, as lm-eval does
-            if tokenizer.bos_token is None:
-                raise UserError("a question with an empty context needs a tokenizer with an end-of-text token")
-            ctx = [tokenizer.bos_token]
-        if not cont:
-            raise UserError(f"the choice {choice!r} encodes to no tokens")
-        seqs.append((ctx + cont)[-(block_size + 1):])  # the model reads seq[:-1] and predicts seq[1:]
-        lengths.append(min(len(cont), len(seqs[-1]) - 1))
-    width = max(len(s) for s in seqs) - 1
-    x = torch.zeros(len(seqs), width, dtype=torch.long)
-    for i, s in enumerate(seqs):
-        x[i, :len(s) - 1] = torch.tensor(s[:-1])
-    with autocast():
-        logits, _ = model(x.to(next(model.parameters()).device))
-    logp = F.log_softmax(logits.float(), dim=-1).cpu()  # (choices, width, V)
-    sums = []
-    for i, (s, n) in enumerate(zip(seqs, lengths)):
-        positions = torch.arange(len(s) - 1 - n, len(s) - 1)  # where the choice's n tokens are predicted
-        sums.append(logp[i, positions, torch.tensor(s[-n:])].sum().item())
-    return sums
-
-
-def score_choices(model, tokenizer, questions, block_size, autocast=nullcontext):
-    """acc and acc_norm over questions [(context, choices, label)]: lists of 0/1, one per question."""
-    acc, acc_norm = [], []
-    for context, choices, label in questions:
-        sums = choice_logprobs(model, tokenizer, context, [" " + c for c in choices], block_size, autocast)
-        acc.append(int(max(range(len(sums)), key=lambda i: sums[i]) == label))
-        per_char = [v / max(len(c), 1) for v, c in zip(sums, choices)]
-        acc_norm.append(int(max(range(len(sums)), key=lambda i: per_char[i]) == label))
-    return acc, acc_norm
-
-
-def read_mc_file(path, limit=0):
-    """Questions [(context, choices, label)] from a JSONL of {"context", "choices", "label"}."""
-    questions = []
-    for n, record in read_jsonl(path):
-        missing = [k for k in ("context", "choices", "label") if k not in record]
-        if missing:
-            raise UserError(f"{path} line {n} has no {', '.join(repr(k) for k in missing)}; each line needs "
-                            f'"context", "choices" and "label"')
-        choices, label = record["choices"], record["label"]
-        if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) for c in choices):
-            raise UserError(f"{path} line {n}: choices must be a list of two or more strings")
-        if not isinstance(label, int) or isinstance(label, bool) or not 0 <= label < len(choices):
-            raise UserError(f"{path} line {n}: label {label!r} is not the index of one of its {len(choices)} choices")
-        questions.append((str(record["context"]), choices, label))
-        if limit and len(questions) == limit:
-            break
-    return questions
-
-
-def read_jsonl(path):
-    """(line number, JSON object) for every non-empty line of a JSONL file; one line for each problem."""
-    if not os.path.isfile(path):
-        raise UserError(f"{path} not found" + (" (it is a folder)" if os.path.isdir(path) else ""))
-    records = []
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path} line {n} is not JSON ({e.msg})") from None
-            if not isinstance(record, dict):
-                raise UserError(f"{path} line {n} is not a JSON object")
-            records.append((n, record))
-    if not records:
-        raise UserError(f"{path} has no questions")
-    return records
-
-
-def hellaswag_text(text):
-    """HellaSwag's WikiHow markup cleaned as lm-eval's task does."""
-    text = text.strip().replace(" [title]", ". ")
-    text = re.sub(r"\[.*?\]", "", text)
-    return text.replace("  ", " ")
-
-
-def hellaswag_questions(path, limit=0):
-    """HellaSwag's own JSONL as questions: "activity: ctx_a Ctx_b" and its four endings."""
-    questions = []
-    for n, r in read_jsonl(path):
-        try:
-            context = hellaswag_text(r["activity_label"] + ": " + r["ctx_a"] + " " + r["ctx_b"].capitalize())
-            questions.append((context, [hellaswag_text(e) for e in r["endings"]], int(r["label"])))
-        except (KeyError, TypeError, ValueError, AttributeError):
-            raise UserError(f"{path} line {n} is not a HellaSwag record (activity_label, ctx_a, ctx_b, endings, "
-                            f"label)") from None
-        if limit and len(questions) == limit:
-            break
-    return questions
-
-
-def hellaswag_file(split):
-    """data/hellaswag/hellaswag_SPLIT.jsonl, downloaded from HellaSwag's repository the first time."""
-    path = os.path.join("data", "hellaswag", f"hellaswag_{split}.jsonl")
-    if not os.path.isfile(path):
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        download(HELLASWAG_URL.format(split=split), path, f"put HellaSwag's hellaswag_{split}.jsonl in "
-                 f"data/hellaswag/, or use --tasks=mc --mc_file=FILE", log=sys.stderr)
-    return path
-
-
-# -----------------------------------------------------------------------------------------------
-# the cloze test
-
-def cloze_questions(tokens, n, context_tokens, answer_tokens, seed):
-    """n questions from a token stream: (context ids, [4 continuations of answer_tokens ids], label).
-    The true continuation follows the context; the other three start at random places elsewhere in
-    the stream, away from it; the true one's place among the four is drawn too."""
-    rng = np.random.default_rng(seed)
-    span = context_tokens + answer_tokens
-    if len(tokens) < 4 * span:
-        raise UserError(f"the split has {len(tokens)} tokens, too few for cloze questions of {span} tokens; "
-                        f"lower --cloze_tokens or use a larger split")
-    questions = []
-    for _ in range(n):
-        start = int(rng.integers(0, len(tokens) - span + 1))
-        answer = start + context_tokens
-        others = []
-        while len(others) < 3:
-            o = int(rng.integers(0, len(tokens) - answer_tokens + 1))
-            if abs(o - answer) >= answer_tokens and all(abs(o - p) >= answer_tokens for p in others):
-                others.append(o)
-        label = int(rng.integers(0, 4))
-        starts = others[:label] + [answer] + others[label:]
-        choices = [[int(t) for t in tokens[s:s + answer_tokens]] for s in starts]
-        questions.append(([int(t) for t in tokens[start:answer]], choices, label))
-    return questions
-
-
-@torch.no_grad()
-def score_cloze(model, questions, autocast=nullcontext):
-    """1/0 per question: whether the true continuation has the highest summed log-probability (all
-    four have the same number of tokens, so per-token and summed rankings agree)."""
-    device = next(model.parameters()).device
-    correct = []
-    for context, choices, label in questions:
-        x = torch.tensor([context + c[:-1] for c in choices], device=device)  # (4, T)
-        with autocast():
-            logits, _ = model(x)
-        logp = F.log_softmax(logits[:, len(context) - 1:].float(), dim=-1)  # predicts each choice's tokens
-        targets = torch.tensor(choices, device=device)
-        sums = logp.gather(-1, targets[..., None]).squeeze(-1).sum(-1)
-        correct.append(int(sums.argmax().item() == label))
-    return correct
-
-
-def mean_and_stderr(values):
-    """The mean of 0/1 (or any) scores and its standard error (sample standard deviation / sqrt(n))."""
-    n = len(values)
-    mean = sum(values) / n
-    if n < 2:
-        return mean, float("nan")
-    var = sum((v - mean) ** 2 for v in values) / (n - 1)
-    return mean, math.sqrt(var / n)
-
-
-# -----------------------------------------------------------------------------------------------
 # the script
 
 def check_settings(cfg):
-    """The task names, checked: an unknown one is named with the nearest valid one."""
-    import difflib
-    tasks = [t.strip() for t in cfg["tasks"].split(",") if t.strip()]
+    """The task names and ranges, checked; returns the tasks (["auto"]: chosen by the dataset)."""
+    tasks = ["auto"] if cfg["tasks"].strip() == "auto" else check_task_names(cfg["tasks"], TASKS, "--tasks")
     if not tasks:
         raise UserError(f"--tasks is empty; choose from {', '.join(TASKS)}")
-    for t in tasks:
-        if t not in TASKS:
-            near = difflib.get_close_matches(t, TASKS, n=1)
-            raise UserError(f"unknown task {t!r}" + (f"; did you mean {near[0]!r}?" if near else "") +
-                            f" (tasks: {', '.join(TASKS)})")
     if "mc" in tasks and not cfg["mc_file"]:
         raise UserError("--tasks=mc needs --mc_file=FILE, a JSONL of {\"context\", \"choices\", \"label\"}")
-    for key in ("stride", "max_tokens", "limit", "cloze_questions", "batch_size", "cloze_tokens"):
-        low = 0 if key in ("stride", "max_tokens", "limit") else 1
+    for key in ("stride", "max_tokens", "limit", "cloze_questions", "batch_size", "cloze_tokens", "max_new_tokens",
+                "lm_eval_fewshot"):
+        low = {"stride": 0, "max_tokens": 0, "limit": 0, "lm_eval_fewshot": -1}.get(key, 1)
         if cfg[key] < low:
             raise UserError(f"{key} must be >= {low}, got {cfg[key]}")
-    if cfg["split"] not in ("train", "val"):
-        raise UserError(f"split must be train or val, got {cfg['split']!r}")
+    if cfg["split"] not in ("train", "val", "test"):
+        raise UserError(f"split must be train, val or test, got {cfg['split']!r}")
     if cfg["hellaswag_split"] not in ("train", "val"):
         raise UserError(f"hellaswag_split must be train or val, got {cfg['hellaswag_split']!r}")
+    if cfg["lm_eval_include"] and not os.path.isdir(cfg["lm_eval_include"]):
+        raise UserError(f"--lm_eval_include={cfg['lm_eval_include']} is not a folder of lm-eval task YAMLs")
     return tasks
 
 
-def split_tokens(cfg, ckpt, tokenizer):
-    """The tokens of the dataset split bpb and cloze read (memory-mapped), checked against the tokenizer."""
+def dataset_of(cfg, ckpt):
+    """The prepared dataset folder that bpb, cloze and instruct read, and its meta.json."""
     data_dir = cfg["dataset"] or ckpt.get("dataset_dir") or ""
     if not os.path.isfile(os.path.join(data_dir, "meta.json")):
         raise UserError(f"no dataset to read: {data_dir or 'the checkpoint names none'}; pass --dataset=FOLDER "
                         f"(a prepared dataset) or --text=FILE:path")
-    meta = read_meta(data_dir)
+    return data_dir, read_meta(data_dir)
+
+
+def chosen_tasks(tasks, cfg, ckpt):
+    """--tasks=auto made concrete: none beside --lm_eval_tasks; instruct for a checkpoint of an instruct
+    dataset; else bpb and cloze."""
+    if tasks != ["auto"]:
+        return tasks
+    if cfg["lm_eval_tasks"]:
+        return []
+    data_dir = cfg["dataset"] or ckpt.get("dataset_dir") or ""
+    meta = read_meta(data_dir) if os.path.isfile(os.path.join(data_dir, "meta.json")) else {}
+    return ["instruct"] if meta.get("task") == "instruct" else ["bpb", "cloze"]
+
+
+def split_tokens(cfg, ckpt, tokenizer):
+    """The tokens of the dataset split bpb and cloze read (memory-mapped), checked against the tokenizer."""
+    data_dir, meta = dataset_of(cfg, ckpt)
     if meta.get("task", "lm") != "lm":
-        raise UserError(f"{data_dir} is a {meta['task']} dataset; bpb and cloze read a language-model dataset")
+        hint = "; --tasks=instruct measures an instruct dataset" if meta["task"] == "instruct" else ""
+        raise UserError(f"{data_dir} is a {meta['task']} dataset; bpb and cloze read a language-model dataset{hint}")
     if meta.get("tokenizer", {}).get("kind") != tokenizer.kind or meta["vocab_size"] != tokenizer.vocab_size:
         raise UserError(f"{data_dir} was tokenized with another tokenizer than the model's; pass --text=FILE:path "
                         f"to measure any text with the model's own")
     path = os.path.join(data_dir, f"{cfg['split']}.bin")
+    if cfg["split"] == "test":
+        raise UserError(f"{data_dir}: language-model datasets have train and val splits only; use --split=val")
     if not os.path.isfile(path):
         raise UserError(f"{path} is missing; re-run prepare.py for this dataset")
     tokens = np.memmap(path, dtype=np.dtype(meta["dtype"]), mode="r")
@@ -407,6 +146,30 @@ def text_tokens(cfg, tokenizer):
     return ids
 
 
+def instruct_rows(cfg, model, tokenizer, ckpt, autocast):
+    """An instruct dataset's split: the loss and perplexity per response token (the loss fine-tuning
+    minimises), and the share of greedy answers that stay in the template and end with end-of-text."""
+    from tasks import ExampleBatches, evaluate_split, instruct_report
+    data_dir, meta = dataset_of(cfg, ckpt)
+    if meta.get("task") != "instruct":
+        raise UserError(f"{data_dir} is not an instruct dataset (prepare.py --task=instruct builds one); "
+                        f"--tasks=instruct measures instruction following")
+    if not os.path.isfile(os.path.join(data_dir, f"{cfg['split']}.bin")):
+        raise UserError(f"{data_dir} has no {cfg['split']} split")
+    device = next(model.parameters()).device
+    batches = ExampleBatches(data_dir, cfg["split"], meta, model.config.block_size, cfg["batch_size"], device,
+                             cfg["seed"])
+    loss = evaluate_split(model, batches, autocast())["loss"]
+    model.eval()  # evaluate_split leaves it in training mode
+    stays, _, _ = instruct_report(model, tokenizer, data_dir, meta, cfg["split"], cfg["max_new_tokens"], show=0,
+                                  batch_size=cfg["batch_size"])
+    name = f"instruct ({cfg['split']})"
+    rate, se = mean_and_stderr(stays)
+    return [dict(task=name, metric="loss/token", value=loss, stderr=None, examples=batches.n),
+            dict(task=name, metric="perplexity", value=math.exp(loss), stderr=None, examples=batches.n),
+            dict(task=name, metric="ends_eot", value=rate, stderr=se, examples=len(stays))]
+
+
 def run_task(task, cfg, model, tokenizer, ckpt, autocast):
     """Result lines of one task: [{"task", "metric", "value", "stderr", "examples"}]."""
     block = model.config.block_size
@@ -420,19 +183,29 @@ def run_task(task, cfg, model, tokenizer, ckpt, autocast):
                      examples=int(totals[2])),
                 dict(task=f"bpb ({name})", metric="loss/token", value=float(totals[0] / totals[2]), stderr=None,
                      examples=int(totals[2]))]
-    if task == "cloze":
-        answer = cfg["cloze_tokens"]
-        if answer >= block:
-            raise UserError(f"cloze_tokens ({answer}) must be below the model's block_size ({block})")
-        questions = cloze_questions(split_tokens(cfg, ckpt, tokenizer), cfg["cloze_questions"], block - answer,
-                                    answer, cfg["seed"])
-        acc, se = mean_and_stderr(score_cloze(model, questions, autocast))
-        return [dict(task="cloze", metric="acc", value=acc, stderr=se, examples=len(questions))]
-    questions = (read_mc_file(cfg["mc_file"], cfg["limit"]) if task == "mc" else
-                 hellaswag_questions(hellaswag_file(cfg["hellaswag_split"]), cfg["limit"]))
-    acc, acc_norm = score_choices(model, tokenizer, questions, block, autocast)
+    if task == "instruct":
+        return instruct_rows(cfg, model, tokenizer, ckpt, autocast)
+    tokens = split_tokens(cfg, ckpt, tokenizer) if task == "cloze" else None
+    questions = benchmark_questions(task, block, cfg["cloze_questions"] if task == "cloze" else cfg["limit"],
+                                    cfg["seed"], tokens, cfg["mc_file"], cfg["hellaswag_split"], cfg["cloze_tokens"])
+    scores = benchmark_scores(task, model, tokenizer, questions, block, autocast)
     return [dict(task=task, metric=m, value=v, stderr=se, examples=len(questions))
-            for m, (v, se) in (("acc", mean_and_stderr(acc)), ("acc_norm", mean_and_stderr(acc_norm)))]
+            for m, (v, se) in ((m, mean_and_stderr(s)) for m, s in scores.items())]
+
+
+def lm_eval_tasks(cfg):
+    """The --lm_eval_tasks, checked against lm-eval's index before any work; (names, lm-eval's task manager)."""
+    from lm_eval_adapter import task_manager
+    names = [t.strip() for t in cfg["lm_eval_tasks"].split(",") if t.strip()]
+    return names, task_manager(names, cfg["lm_eval_include"])
+
+
+def lm_eval_rows(cfg, names, manager, model, tokenizer, autocast):
+    """The lm-evaluation-harness's tasks on this model (lm_eval_adapter.py), as result lines."""
+    from lm_eval_adapter import run_lm_eval
+    return run_lm_eval(model, tokenizer, names, manager, limit=cfg["limit"],
+                       fewshot=None if cfg["lm_eval_fewshot"] < 0 else cfg["lm_eval_fewshot"],
+                       batch_size=cfg["batch_size"], seed=cfg["seed"], autocast=autocast)
 
 
 def results_path(cfg):
@@ -493,13 +266,16 @@ def main(argv):
     rt = runtime.local(cfg["device"], cfg["dtype"])
     if cfg["bench"]:
         return bench(cfg, rt)
+    harness = lm_eval_tasks(cfg) if cfg["lm_eval_tasks"] else None
     ckpt, model, tokenizer = load_for_inference(cfg["init_from"], cfg["out_dir"], rt.device)
     if model.config.n_classes:
         raise UserError("this checkpoint is a classifier: eval.py measures language models (a classifier's "
                         "accuracy is train.py's val/acc)")
     rows = []
-    for task in tasks:
+    for task in chosen_tasks(tasks, cfg, ckpt):
         rows += run_task(task, cfg, model, tokenizer, ckpt, rt.autocast)
+    if harness:
+        rows += lm_eval_rows(cfg, *harness, model, tokenizer, rt.autocast)
     print_table(rows)
     path = results_path(cfg)
     source = cfg["out_dir"] if cfg["init_from"] == "resume" else cfg["init_from"]

@@ -1,7 +1,8 @@
 """
 Plot training runs from their metrics.jsonl: loss against iterations and against tokens, the
-learning rate, and, where the runs logged it, val bits per byte (which compares runs with different
-tokenizers). Several runs share the axes, one colour each.
+learning rate, and, where the runs logged them, val bits per byte (which compares runs with different
+tokenizers) and accuracies (eval_tasks' benchmarks such as cloze/acc, a classifier's val/acc). Several
+runs share the axes, one colour each.
 
   python plot.py out-shakespeare-char-cpu                      # writes out-shakespeare-char-cpu/loss.png
   python plot.py out-a out-b --labels gpt2,llama --out compare.png
@@ -10,6 +11,7 @@ Needs matplotlib (pip install matplotlib); nothing else in the repository does.
 """
 import json
 import os
+import re
 import sys
 
 from common import ArgumentParser, UserError, description, run_cli
@@ -36,6 +38,14 @@ def read_run(out_dir):
     return logs, evals
 
 
+ACCURACY = re.compile(r"^[\w-]+/acc(_norm)?$")  # cloze/acc, hellaswag/acc_norm, val/acc
+
+
+def accuracies(evals):
+    """The accuracy keys the eval lines hold, in order of first appearance."""
+    return list(dict.fromkeys(k for r in evals for k in r if ACCURACY.match(k)))
+
+
 def plot(runs, labels, out_path):
     try:
         import matplotlib
@@ -44,8 +54,11 @@ def plot(runs, labels, out_path):
     except ImportError:
         raise UserError("plot.py needs matplotlib: pip install matplotlib") from None
     bpb = any("val/bpb" in r for _, evals in runs for r in evals)
-    fig, axes = plt.subplots(1, 4 if bpb else 3, figsize=(21 if bpb else 16, 4.5))
+    acc = any(accuracies(evals) for _, evals in runs)
+    panels = 3 + bpb + acc
+    fig, axes = plt.subplots(1, panels, figsize=(5.3 * panels, 4.5))
     ax_it, ax_tok, ax_lr = axes[:3]
+    ax_bpb, ax_acc = (axes[3] if bpb else None), (axes[-1] if acc else None)
     for (logs, evals), label, color in zip(runs, labels, plt.rcParams["axes.prop_cycle"].by_key()["color"] * 10):
         for ax, x in ((ax_it, "iter"), (ax_tok, "tokens")):
             if logs:
@@ -59,13 +72,19 @@ def plot(runs, labels, out_path):
             ax_lr.plot([r["iter"] for r in logs], [r["lr"] for r in logs], color=color, label=label)
         with_bpb = [r for r in evals if "val/bpb" in r]
         if with_bpb:
-            axes[3].plot([r["iter"] for r in with_bpb], [r["val/bpb"] for r in with_bpb], "o-", color=color, ms=3,
-                         label=label)
+            ax_bpb.plot([r["iter"] for r in with_bpb], [r["val/bpb"] for r in with_bpb], "o-", color=color, ms=3,
+                        label=label)
+        for key, style in zip(accuracies(evals), ("o-", "s--", "^:", "d-.") * 5):
+            with_key = [r for r in evals if key in r]
+            ax_acc.plot([r["iter"] for r in with_key], [r[key] for r in with_key], style, color=color, ms=3,
+                        label=f"{label} {key}")
     ax_it.set(xlabel="iteration", ylabel="loss", title="loss (faint: every log line)")
     ax_tok.set(xlabel="tokens seen", ylabel="loss", title="loss against tokens")
     ax_lr.set(xlabel="iteration", ylabel="learning rate", title="learning rate")
     if bpb:
-        axes[3].set(xlabel="iteration", ylabel="bits per byte", title="val bits per byte (any tokenizer)")
+        ax_bpb.set(xlabel="iteration", ylabel="bits per byte", title="val bits per byte (any tokenizer)")
+    if acc:
+        ax_acc.set(xlabel="iteration", ylabel="accuracy", title="accuracy (eval_tasks, val/acc)")
     for ax in axes:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)

@@ -276,10 +276,12 @@ def print_instruct_eval(model, tokenizer, cfg, ckpt):
     meta = read_meta(data_dir)
     if meta.get("task") != "instruct" or cfg["instruct_eval"] not in ("val", "test"):
         raise UserError("instruct_eval=val|test needs a checkpoint trained on an instruct dataset")
-    rate, examples, n = instruct_report(model, tokenizer, data_dir, meta, cfg["instruct_eval"], cfg["max_new_tokens"])
+    stays, examples, n = instruct_report(model, tokenizer, data_dir, meta, cfg["instruct_eval"], cfg["max_new_tokens"])
     for prompt, answer, reference, stopped in examples:
         print(f"{prompt}{answer}{'<|endoftext|>' if stopped else '...'}\n[reference: {reference}]\n---------------")
-    print(f"{cfg['instruct_eval']}: {rate:.1%} of answers stay in the template and end with end-of-text")
+    print(f"{cfg['instruct_eval']}: {sum(stays) / max(1, len(stays)):.1%} of answers stay in the template and end "
+          f"with end-of-text (eval.py --tasks=instruct --split={cfg['instruct_eval']} adds the response loss and "
+          f"perplexity)")
     return n
 
 

@@ -431,24 +431,24 @@ def label_texts(model, tokenizer, texts, label_names, device):
 
 
 def instruct_report(model, tokenizer, data_dir, meta, split, max_new_tokens=100, show=3, batch_size=16):
-    """Greedy answers to every prompt of a split of an instruct dataset, batch_size at a time: the share
-    that stay in the template (no new "### " section) and end with end-of-text by themselves, a few
-    examples as (prompt, answer, reference, stopped), and the number of tokens generated."""
+    """Greedy answers to every prompt of a split of an instruct dataset, batch_size at a time: 1 or 0 per
+    answer, whether it stays in the template (no new "### " section) and ends with end-of-text by
+    itself; a few examples as (prompt, answer, reference, stopped); the number of tokens generated."""
     tokens, arrays = read_examples(data_dir, split, meta["dtype"])
     offsets, mask = arrays["offsets"], arrays["mask"]
     examples = []
     for i in range(len(offsets) - 1):
         seq, m = np.asarray(tokens[offsets[i]:offsets[i + 1]], dtype=np.int64), mask[offsets[i]:offsets[i + 1]]
         examples.append((seq[m == 0][-model.config.block_size:].tolist(), seq[m == 1].tolist()))
-    ok, shown, n = 0, [], 0
+    stays, shown, n = [], [], 0
     for start in range(0, len(examples), batch_size):
         chunk = examples[start:start + batch_size]
         for (prompt, response), (ids, stopped) in zip(chunk, answer(model, tokenizer, [p for p, _ in chunk],
                                                                      max_new_tokens)):
             text = tokenizer.decode(ids)
             n += len(ids)
-            ok += stopped and "### " not in text and text.strip() != ""
+            stays.append(int(stopped and "### " not in text and text.strip() != ""))
             if len(shown) < show:
                 reference = tokenizer.decode([t for t in response if t not in tokenizer.stop_tokens])
                 shown.append((tokenizer.decode(prompt), text, reference, stopped))
-    return ok / max(1, len(examples)), shown, n
+    return stays, shown, n

@@ -26,6 +26,7 @@ actually trained, the task's labels) is in Run.facts and saved beside them. Opti
 learning-rate schedule are in optim.py, devices and processes in runtime.py, the checkpoint format
 in checkpoint.py.
 """
+import functools
 import json
 import math
 import os
@@ -43,12 +44,13 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import runtime
+from benchmarks import (TRAIN_TASKS, benchmark_questions, benchmark_scores, bits_per_byte, check_task_names,
+                        nats_and_bytes, token_bytes, totals_on)
 from checkpoint import (describe_tokenizer, load_sharded, lora_state_dict, resume_changes, rng_state, save_adapters,
                         save_checkpoint, save_sharded, set_rng_state)
 from common import UserError, description, first_line, hold_folder, read_meta, run_cli
 from configurator import parse_args
 from decoding import generate_batch
-from eval import bits_per_byte, nats_and_bytes, token_bytes, totals_on
 from hf import load_source
 from model import GPT, GPTConfig, preset_config
 from optim import get_lr, make_optimizer, set_lr
@@ -63,6 +65,9 @@ class TrainConfig:
     eval_interval: int = 250              # evaluate train/val loss every this many iterations
     eval_iters: int = 20                  # batches per split in each evaluation
     eval_only: bool = False               # evaluate once and exit
+    eval_tasks: str = ""                  # also at every evaluation, eval.py's benchmarks: cloze | mc | hellaswag, logged as TASK/acc
+    eval_examples: int = 200              # questions per eval_tasks benchmark, the same ones at every evaluation
+    eval_mc_file: str = ""                # the {"context", "choices", "label"} JSONL that eval_tasks=mc reads
     log_interval: int = 10                # print a log line every this many iterations
     always_save_checkpoint: bool = False  # save at every evaluation, not only when val loss improves
     overwrite: bool = False               # let a new run (init_from other than resume) replace the checkpoint in out_dir
@@ -231,7 +236,8 @@ RANGES = [("batch_size", 1, False), ("gradient_accumulation_steps", 1, False), (
           ("max_iters", 0, False), ("eval_interval", 1, False), ("eval_iters", 1, False), ("log_interval", 1, False),
           ("learning_rate", 0, True), ("min_lr", 0, False), ("warmup_iters", 0, False), ("lr_decay_iters", 0, False),
           ("warmdown_iters", 0, False), ("weight_decay", 0, False), ("grad_clip", 0, False), ("bench", 0, False),
-          ("label_smoothing", 0, False), ("dropout", 0, False), ("muon_lr", 0, True), ("keep_checkpoints", 0, False)]
+          ("label_smoothing", 0, False), ("dropout", 0, False), ("muon_lr", 0, True), ("keep_checkpoints", 0, False),
+          ("eval_examples", 1, False)]
 CHOICES = {"nan_policy": ("stop", "skip"), "parallel": ("ddp", "fsdp"), "optimizer": ("adamw", "muon"),
            "lr_schedule": ("cosine", "wsd"), "trainable": ("all", "last_blocks", "lora")}
 
@@ -266,6 +272,8 @@ def check_run_settings(cfg):
         raise UserError("trainable=lora needs lora_rank >= 1 (e.g. --lora_rank=8)")
     if cfg["lora_rank"] < 0 or cfg["lora_alpha"] <= 0 or not 0 <= cfg["lora_dropout"] < 1:
         raise UserError("lora_rank must be >= 0, lora_alpha > 0 and lora_dropout in [0, 1)")
+    if "mc" in check_task_names(cfg["eval_tasks"], TRAIN_TASKS, "eval_tasks") and not cfg["eval_mc_file"]:
+        raise UserError("eval_tasks=mc needs eval_mc_file=FILE, a JSONL of {\"context\", \"choices\", \"label\"}")
     targets = [t.strip() for t in cfg["lora_targets"].split(",") if t.strip()]
     if not targets or set(targets) - LORA_TARGETS:
         raise UserError(f"lora_targets={cfg['lora_targets']!r}: a comma-separated list of "
@@ -421,6 +429,7 @@ class Run:
         self.resuming = cfg["init_from"] == "resume"
         ckpt = self.build(explicit)
         self.open_data()
+        self.benchmarks = self.open_benchmarks()
         if self.sharded:  # before the optimizer, which must hold the sharded parameters
             runtime.shard_model(self.raw_model, self.rt, cfg["compile"])
         else:
@@ -609,6 +618,45 @@ class Run:
             return None
         return token_bytes(tokenizer, self.raw_model.config.vocab_size).to(self.rt.device)
 
+    def open_benchmarks(self):
+        """eval_tasks' questions, drawn once so that every evaluation asks the same ones, and the
+        tokenizer that multiple choice needs."""
+        cfg = self.cfg
+        names = check_task_names(cfg["eval_tasks"], TRAIN_TASKS, "eval_tasks")
+        if names and self.task == "classify":
+            raise UserError("eval_tasks score language models; a classifier is measured by its val/acc")
+        if "cloze" in names and self.task != "lm":
+            raise UserError("eval_tasks=cloze draws its questions from a language-model dataset's val split; use mc "
+                            "or hellaswag on an instruct dataset")
+        self.benchmark_tokenizer = None
+        if any(t != "cloze" for t in names):
+            from tokenizer import dataset_tokenizer
+            self.benchmark_tokenizer = dataset_tokenizer(self.data_dir)
+        val = self.splits["val"].data if self.task == "lm" else None
+        return {t: benchmark_questions(t, self.raw_model.config.block_size, cfg["eval_examples"], cfg["seed"], val,
+                                       mc_file=cfg["eval_mc_file"]) for t in names}
+
+    @torch.no_grad()
+    def evaluate_benchmarks(self):
+        """eval_tasks' scores, {"TASK/acc": ..., "TASK/acc_norm": ...}, the questions shared out over the
+        processes (with fsdp every process runs as many forwards: padding questions, not counted)."""
+        rt, out = self.rt, {}
+        model, block = self.raw_model.eval(), self.raw_model.config.block_size
+        autocast = functools.partial(rt.autocast, enabled=not self.sharded)
+        for task, questions in self.benchmarks.items():
+            share = -(-len(questions) // rt.world)
+            mine = questions[rt.rank * share:(rt.rank + 1) * share]
+            real = len(mine)
+            if self.sharded:
+                mine = mine + questions[:share - real]
+            scores = benchmark_scores(task, model, self.benchmark_tokenizer, mine, block, autocast)
+            totals = torch.tensor([sum(v[:real]) for v in scores.values()] + [real], dtype=totals_on(rt.device).dtype,
+                                  device=rt.device)
+            rt.total(totals)
+            out.update({f"{task}/{metric}": (totals[i] / totals[-1]).item() for i, metric in enumerate(scores)})
+        model.train()
+        return out
+
     @torch.no_grad()
     def evaluate(self):
         """Mean loss over eval_iters fixed batches per split, shared out over the processes, and val/bpb,
@@ -641,7 +689,7 @@ class Run:
                 rt.total(nats_bytes)
                 out["val/bpb"] = bits_per_byte(nats_bytes)
         self.model.train()
-        return out
+        return {**out, **self.evaluate_benchmarks()}
 
     def evaluate_task(self):
         """Loss on the first eval_iters batches of train and on all of val, plus val/acc, val/precision,
@@ -651,7 +699,8 @@ class Run:
         train = evaluate_split(self.raw_model, self.splits["train"], self.rt.autocast(), positive,
                                limit=cfg["eval_iters"] * cfg["batch_size"])
         val = evaluate_split(self.raw_model, self.splits["val"], self.rt.autocast(), positive)
-        return {"train": train["loss"], "val": val["loss"], **{f"val/{k}": v for k, v in val.items() if k != "loss"}}
+        return {"train": train["loss"], "val": val["loss"], **{f"val/{k}": v for k, v in val.items() if k != "loss"},
+                **self.evaluate_benchmarks()}
 
     def loss(self, batch):
         """The training loss of one micro-batch: (x, y) for lm and instruct, (x, lengths, labels) to classify."""

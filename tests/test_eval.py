@@ -6,6 +6,7 @@ import random
 import pytest
 import torch
 
+import benchmarks as bm
 import eval as ev
 from conftest import TINY_MODEL, copy_run, one_line_error, prepare_tiny, run_main, snapshot
 from model import GPT, GPTConfig
@@ -37,17 +38,17 @@ def test_a_uniform_model_costs_log2_v_bits_per_predicted_token_over_their_bytes(
     if tok.bos_token is not None:
         ids = [tok.bos_token] + ids  # predicted from the start, the end-of-text itself never
     vocab = tok.vocab_size + 7  # a padded vocabulary: the extra ids have no bytes
-    totals = ev.score_stream(Uniform(vocab, 16), ids, ev.token_bytes(tok, vocab), 16, 8, 4)
+    totals = bm.score_stream(Uniform(vocab, 16), ids, bm.token_bytes(tok, vocab), 16, 8, 4)
     predicted = ids[1:]
     nbytes = sum(len(tok.decode_bytes([t])) for t in predicted)
     assert nbytes == len(TEXT.encode("utf-8")) - (0 if tok.bos_token is not None else len(tok.decode_bytes(ids[:1])))
-    assert ev.bits_per_byte(totals) == pytest.approx(math.log2(vocab) * len(predicted) / nbytes, rel=1e-7)  # float32 logits
+    assert bm.bits_per_byte(totals) == pytest.approx(math.log2(vocab) * len(predicted) / nbytes, rel=1e-7)  # float32 logits
     assert int(totals[2]) == len(predicted)
 
 
 def test_special_tokens_have_no_bytes_and_padding_ids_none():
     tok = bpe_of(TEXT)
-    counts = ev.token_bytes(tok, tok.vocab_size + 3)
+    counts = bm.token_bytes(tok, tok.vocab_size + 3)
     assert counts[tok.eot_token] == 0 and counts[-3:].tolist() == [0, 0, 0]
     assert counts[tok.encode("T")[0]] == 1 and all(c >= 1 for i, c in enumerate(counts[:256].tolist()))
 
@@ -55,7 +56,7 @@ def test_special_tokens_have_no_bytes_and_padding_ids_none():
 @pytest.mark.parametrize("n, block, stride", [(2, 4, 2), (5, 4, 4), (40, 8, 3), (41, 8, 8), (100, 16, 1), (9, 16, 8)])
 def test_sliding_windows_predict_every_token_once_with_at_least_block_minus_stride_of_context(n, block, stride):
     predicted = []
-    for i, (start, length, first) in enumerate(ev.stream_windows(n, block, stride)):
+    for i, (start, length, first) in enumerate(bm.stream_windows(n, block, stride)):
         assert 0 <= start and length <= block and start + length <= n - 1 + 1
         assert i == 0 or first >= block - stride
         predicted += range(start + first + 1, start + length + 1)
@@ -72,7 +73,7 @@ def test_a_text_in_one_window_costs_the_model_s_own_loss():
     tok = CharTokenizer.from_text(TEXT)
     ids = tok.encode(TEXT[:17])
     model = tiny_gpt(tok.vocab_size)
-    totals = ev.score_stream(model, ids, ev.token_bytes(tok, tok.vocab_size), 16, 8, 4)
+    totals = bm.score_stream(model, ids, bm.token_bytes(tok, tok.vocab_size), 16, 8, 4)
     x, y = torch.tensor([ids[:-1]]), torch.tensor([ids[1:]])
     with torch.no_grad():
         loss = model(x, y)[1].item()
@@ -81,7 +82,7 @@ def test_a_text_in_one_window_costs_the_model_s_own_loss():
 
 def test_a_context_s_trailing_space_moves_to_the_continuation():
     tok = bpe_of(TEXT)
-    ctx, cont = ev.encode_pair(tok, "To be, or not to ", "be")
+    ctx, cont = bm.encode_pair(tok, "To be, or not to ", "be")
     assert ctx == tok.encode("To be, or not to") and cont == tok.encode("To be, or not to be")[len(ctx):]
 
 
@@ -89,9 +90,9 @@ def test_padded_choices_score_as_each_would_alone():
     tok = bpe_of(TEXT)
     model = tiny_gpt(tok.vocab_size, block_size=64)
     context, choices = "To be, or not", [" to be", " that is the question", " naïve"]
-    batch = ev.choice_logprobs(model, tok, context, choices, 64)
+    batch = bm.choice_logprobs(model, tok, context, choices, 64)
     for choice, score in zip(choices, batch):
-        ctx, cont = ev.encode_pair(tok, context, choice)
+        ctx, cont = bm.encode_pair(tok, context, choice)
         seq = torch.tensor([ctx + cont])
         with torch.no_grad():
             logp = torch.log_softmax(model(seq[:, :-1])[0], -1)[0]
@@ -101,15 +102,15 @@ def test_padded_choices_score_as_each_would_alone():
 
 def test_acc_takes_the_best_sum_and_acc_norm_the_best_sum_per_character(monkeypatch):
     # sums -6 and -8: acc picks the first; per character -6/3 = -2 against -8/8 = -1: acc_norm the second
-    monkeypatch.setattr(ev, "choice_logprobs", lambda *a: [-6.0, -8.0])
-    acc, acc_norm = ev.score_choices(None, None, [("ctx", ["abc", "abcdefgh"], 1)], 16)
+    monkeypatch.setattr(bm, "choice_logprobs", lambda *a: [-6.0, -8.0])
+    acc, acc_norm = bm.score_choices(None, None, [("ctx", ["abc", "abcdefgh"], 1)], 16)
     assert acc == [0] and acc_norm == [1]
 
 
 def test_cloze_questions_are_fixed_by_the_seed_with_same_length_continuations_from_elsewhere():
     tokens = list(range(10_000))  # every token its own position, so a choice tells where it came from
-    a = ev.cloze_questions(tokens, 50, 12, 4, seed=3)
-    assert a == ev.cloze_questions(tokens, 50, 12, 4, seed=3) != ev.cloze_questions(tokens, 50, 12, 4, seed=4)
+    a = bm.cloze_questions(tokens, 50, 12, 4, seed=3)
+    assert a == bm.cloze_questions(tokens, 50, 12, 4, seed=3) != bm.cloze_questions(tokens, 50, 12, 4, seed=4)
     for context, choices, label in a:
         assert len(context) == 12 and all(len(c) == 4 for c in choices)
         assert choices[label][0] == context[-1] + 1  # the true one follows its context
@@ -190,10 +191,13 @@ def test_a_bad_question_file_is_one_line_naming_file_and_line(trained, tmp_path,
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--tasks=clozee"], "unknown task 'clozee'; did you mean 'cloze'?"),
+    (["--tasks=clozee"], "unknown task 'clozee' in --tasks; did you mean 'cloze'?"),
     (["--tasks=mc"], "--tasks=mc needs --mc_file=FILE"),
     (["--cloze_tokens=32", "--tasks=cloze"], "cloze_tokens (32) must be below the model's block_size (32)"),
-    (["--split=test"], "split must be train or val")])
+    (["--split=tset"], "split must be train, val or test"),
+    (["--split=test"], "language-model datasets have train and val splits only"),
+    (["--tasks=instruct"], "is not an instruct dataset"),
+    (["--lm_eval_include=nowhere", "--lm_eval_tasks=x"], "--lm_eval_include=nowhere is not a folder")])
 def test_bad_settings_are_one_line(trained, tmp_path, args, message):
     folder = copy_run(trained, tmp_path / "run")
     before = snapshot(folder / "out")
@@ -234,9 +238,9 @@ def test_train_s_val_bpb_is_what_eval_computes_on_the_same_windows(tiny_run):
     tokens = np.memmap(tiny_run / "data" / "tiny" / "val.bin", dtype=np.uint16, mode="r")
     g = torch.Generator().manual_seed(cfg["seed"] + 2)
     starts = torch.randint(len(tokens) - 32, (cfg["eval_iters"], cfg["batch_size"]), generator=g).numpy()
-    nbytes = ev.token_bytes(dataset_tokenizer(tiny_run / "data" / "tiny"), model.config.vocab_size)
+    nbytes = bm.token_bytes(dataset_tokenizer(tiny_run / "data" / "tiny"), model.config.vocab_size)
     logged = next(r for r in evals(tiny_run / "out") if r["iter"] == ckpt["iter_num"])
-    assert ev.bits_per_byte(ev.score_windows(model, tokens, starts, 32, nbytes)) == pytest.approx(logged["val/bpb"],
+    assert bm.bits_per_byte(bm.score_windows(model, tokens, starts, 32, nbytes)) == pytest.approx(logged["val/bpb"],
                                                                                                  rel=1e-6)
 
 
@@ -248,10 +252,10 @@ def hellaswag_record(label=2):
 
 def test_hellaswag_records_are_cleaned_and_joined_as_lm_eval_does(tmp_path):
     path = write_lines(tmp_path / "hs.jsonl", [hellaswag_record(), hellaswag_record(0)])
-    (context, choices, label), second = ev.hellaswag_questions(str(path))
+    (context, choices, label), second = bm.hellaswag_questions(str(path))
     assert context == "Making a cake: A woman cracks eggs into a bowl. She. whisks them"
     assert choices == ["bakes it.", "eats the bowl.", "adds flour.", "sings."] and label == 2 and second[2] == 0
-    assert len(ev.hellaswag_questions(str(path), limit=1)) == 1
+    assert len(bm.hellaswag_questions(str(path), limit=1)) == 1
 
 
 def test_hellaswag_offline_is_one_line_and_leaves_no_file(trained, tmp_path, monkeypatch):
@@ -262,7 +266,7 @@ def test_hellaswag_offline_is_one_line_and_leaves_no_file(trained, tmp_path, mon
     monkeypatch.setattr(urllib.request, "urlopen", offline)
     folder = copy_run(trained, tmp_path / "run")
     result = run_main("eval.py", "--out_dir=out", "--tasks=hellaswag", "--device=cpu", cwd=folder, check=False)
-    assert result.returncode == 2 and f"could not download {ev.HELLASWAG_URL.format(split='val')}" in result.stderr
+    assert result.returncode == 2 and f"could not download {bm.HELLASWAG_URL.format(split='val')}" in result.stderr
     assert "data/hellaswag/" in result.stderr and not (folder / "data" / "hellaswag" / "hellaswag_val.jsonl").exists()
 
 
@@ -275,3 +279,54 @@ def test_bench_reports_scoring_speed_for_both_shapes(tmp_path):
         numbers = [float(w.replace(",", "")) for w in r.split() if w.replace(",", "").replace(".", "").isdigit()]
         assert len(numbers) >= 3 and all(n > 0 for n in numbers)
     assert not any(tmp_path.iterdir())  # a benchmark writes nothing
+
+
+# -----------------------------------------------------------------------------------------------
+# evaluation during training: train.py's eval_tasks
+
+def test_eval_tasks_log_the_cloze_score_at_every_evaluation_on_the_same_questions(workdir):
+    import numpy as np
+    from checkpoint import load_checkpoint, model_from_checkpoint
+    from conftest import evals
+    run_main("train.py", *TINY_MODEL, "--out_dir=out", "--max_iters=40", "--eval_interval=20", "--eval_tasks=cloze",
+             "--eval_examples=60", cwd=workdir)
+    logged = evals(workdir / "out")
+    assert [r["iter"] for r in logged] == [0, 20, 40] and all(0 <= r["cloze/acc"] <= 1 for r in logged)
+    ckpt = load_checkpoint(str(workdir / "out"))
+    assert ckpt["iter_num"] == 40
+    tokens = np.memmap(workdir / "data" / "tiny" / "val.bin", dtype=np.uint16, mode="r")
+    questions = bm.benchmark_questions("cloze", 32, 60, ckpt["config"]["seed"], tokens)  # what eval.py would ask
+    scores = bm.benchmark_scores("cloze", model_from_checkpoint(ckpt).eval(), None, questions, 32)
+    assert logged[-1]["cloze/acc"] == pytest.approx(sum(scores["acc"]) / 60)
+
+
+def test_eval_tasks_score_a_multiple_choice_file_with_acc_and_acc_norm(workdir):
+    write_lines(workdir / "mc.jsonl", [{"context": "ROMEO: ", "choices": ["the", "qx zv", "and"], "label": i % 3}
+                                       for i in range(6)])
+    result = run_main("train.py", *TINY_MODEL, "--out_dir=out", "--max_iters=10", "--eval_interval=10",
+                      "--eval_tasks=mc", "--eval_mc_file=mc.jsonl", "--eval_examples=4", cwd=workdir)
+    assert "mc/acc " in result.stdout and "mc/acc_norm " in result.stdout
+    from conftest import evals
+    last = evals(workdir / "out")[-1]
+    assert {"mc/acc", "mc/acc_norm"} <= set(last) and last["mc/acc"] in (0, 0.25, 0.5, 0.75, 1)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--eval_tasks=clozee"], "unknown task 'clozee' in eval_tasks; did you mean 'cloze'?"),
+    (["--eval_tasks=bpb"], "unknown task 'bpb' in eval_tasks"),
+    (["--eval_tasks=mc"], "eval_tasks=mc needs eval_mc_file=FILE"),
+    (["--eval_tasks=mc", "--eval_mc_file=missing.jsonl"], "missing.jsonl not found"),
+    (["--eval_tasks=cloze", "--eval_examples=0"], "eval_examples must be >= 1")])
+def test_bad_eval_tasks_are_one_line_before_training(workdir, args, message):
+    one_line_error(run_main("train.py", *TINY_MODEL, "--out_dir=out", "--max_iters=10", *args, cwd=workdir,
+                            check=False), message)
+    assert not (workdir / "out" / "ckpt.pt").exists()
+
+
+def test_lm_eval_tasks_without_the_harness_installed_are_one_line(trained, monkeypatch):
+    import sys
+    monkeypatch.setitem(sys.modules, "lm_eval", None)  # as if not installed
+    monkeypatch.delitem(sys.modules, "lm_eval_adapter", raising=False)
+    result = run_main("eval.py", "--out_dir=out", "--lm_eval_tasks=hellaswag", "--device=cpu", cwd=trained,
+                      check=False)
+    one_line_error(result, "--lm_eval_tasks needs the lm-evaluation-harness: pip install lm-eval")

@@ -296,6 +296,40 @@ def test_an_instruct_run_lowers_the_response_loss_and_answers_in_the_template(in
     assert 0 <= float(rate.split()[1].rstrip("%")) <= 100
 
 
+def test_eval_reports_an_instruct_model_s_response_loss_perplexity_and_end_of_text_share(instruct_run):
+    import math
+    from checkpoint import load_checkpoint
+    run_main("eval.py", "--out_dir=out", "--max_new_tokens=30", "--device=cpu", cwd=instruct_run)  # auto: instruct
+    rows = {r["metric"]: r for r in json.loads((instruct_run / "out" / "eval.json").read_text())["results"]}
+    assert {r["task"] for r in rows.values()} == {"instruct (val)"}
+    iter_num = load_checkpoint(str(instruct_run / "out"))["iter_num"]
+    logged = next(r for r in read_metrics(instruct_run / "out") if r.get("iter") == iter_num and "val/loss" in r)
+    assert rows["loss/token"]["value"] == pytest.approx(logged["val/loss"], rel=1e-5)  # train.py's: all of val
+    assert rows["perplexity"]["value"] == pytest.approx(math.exp(logged["val/loss"]), rel=1e-5)
+    report = run_main("sample.py", "--out_dir=out", "--instruct_eval=val", "--max_new_tokens=30", "--device=cpu",
+                      cwd=instruct_run).stdout.strip().splitlines()[-1]
+    assert f"{rows['ends_eot']['value']:.1%}" == report.split()[1]  # the same answers as sample.py's
+    assert "eval.py --tasks=instruct" in report
+    run_main("eval.py", "--out_dir=out", "--tasks=instruct", "--split=test", "--out=test.json", "--device=cpu",
+             cwd=instruct_run)
+    test = json.loads((instruct_run / "test.json").read_text())["results"]
+    assert {r["task"] for r in test} == {"instruct (test)"} and all(r["examples"] >= 1 for r in test)
+    one_line_error(run_main("eval.py", "--out_dir=out", "--tasks=bpb", "--device=cpu", cwd=instruct_run, check=False),
+                   "--tasks=instruct measures an instruct dataset")
+
+
+def test_eval_tasks_refuse_a_classifier_and_the_cloze_test_of_an_instruct_dataset(instruct_run, tmp_path):
+    args = [a for a in TINY_MODEL if not a.startswith(("--dataset", "--block_size"))]
+    one_line_error(run_main("train.py", *args, "--dataset=alp", "--block_size=96", "--out_dir=other",
+                            "--max_iters=5", "--eval_tasks=cloze", cwd=instruct_run, check=False),
+                   "eval_tasks=cloze draws its questions from a language-model dataset")
+    write_sms(tmp_path / "sms.tsv", n=100)
+    run_main("prepare.py", "--input", "sms.tsv", "--task", "classify", "--max_length", "32", "--out", "data/sms",
+             cwd=tmp_path)
+    one_line_error(run_main("train.py", *CLS_MODEL, "--out_dir=cls", "--max_iters=5", "--eval_tasks=hellaswag",
+                            cwd=tmp_path, check=False), "eval_tasks score language models")
+
+
 def counted_model(monkeypatch):
     """Makes sample.py's model (built by hf.load_for_inference) count its forwards; returns the list the
     counter will be put in."""

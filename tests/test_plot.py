@@ -8,7 +8,7 @@ from conftest import TINY_MODEL, one_line_error, run_main
 pytest.importorskip("matplotlib")
 
 
-def write_metrics(folder, scale, bpb=False):
+def write_metrics(folder, scale, bpb=False, acc=False):
     """A metrics.jsonl as train.py writes it: a log line every 10 iterations, an evaluation every 50."""
     folder.mkdir()
     with open(folder / "metrics.jsonl", "w") as f:
@@ -17,7 +17,8 @@ def write_metrics(folder, scale, bpb=False):
             if it % 50 == 0:
                 f.write(json.dumps({"iter": it, "tokens": it * 256, "train/loss": scale * 4 / (1 + it / 50),
                                     "val/loss": scale * 4.1 / (1 + it / 50), "elapsed_s": it / 10,
-                                    **({"val/bpb": scale * 5.9 / (1 + it / 50)} if bpb else {})}) + "\n")
+                                    **({"val/bpb": scale * 5.9 / (1 + it / 50)} if bpb else {}),
+                                    **({"cloze/acc": 0.25 + it / 1000} if acc else {})}) + "\n")
 
 
 def is_png(path):
@@ -44,6 +45,14 @@ def test_runs_that_logged_bits_per_byte_get_a_fourth_panel_for_it(tmp_path):
     run_main("plot.py", "plain", cwd=tmp_path)
     run_main("plot.py", "char", "bpe", "--out=bpb.png", cwd=tmp_path)
     assert png_width(tmp_path / "bpb.png") > 1.2 * png_width(tmp_path / "plain" / "loss.png")
+
+
+def test_runs_that_logged_benchmark_accuracies_get_a_panel_for_them(tmp_path):
+    write_metrics(tmp_path / "bpb", 1.0, bpb=True)
+    write_metrics(tmp_path / "cloze", 1.0, bpb=True, acc=True)
+    run_main("plot.py", "bpb", cwd=tmp_path)
+    run_main("plot.py", "cloze", "bpb", "--out=acc.png", cwd=tmp_path)
+    assert png_width(tmp_path / "acc.png") > 1.15 * png_width(tmp_path / "bpb" / "loss.png")
 
 
 @pytest.mark.slow
