@@ -1,8 +1,9 @@
 """
 Scoring a language model: bits per byte, multiple-choice questions as the lm-evaluation-harness
-scores them (HellaSwag's protocol), and a cloze test built from any token stream. Pure functions of a
-model, a tokenizer and the data, no settings: eval.py (the script), train.py's eval_tasks and
-lm_eval_adapter.py are built on them.
+scores them (HellaSwag's protocol), and a cloze test built from any token stream. Functions of a
+model, a tokenizer and the data, with no settings of their own (hellaswag_file alone touches disk: it
+downloads HellaSwag once): eval.py (the script), train.py's eval_tasks and lm_eval_adapter.py are
+built on them.
 
 Design choices:
 - Bits per byte: the summed next-token cross-entropy in bits over the UTF-8 bytes of the predicted
@@ -117,7 +118,8 @@ def score_stream(model, ids, nbytes, block_size, stride, batch_size, autocast=nu
 @torch.no_grad()
 def score_windows(model, tokens, starts, block_size, nbytes, autocast=nullcontext):
     """Summed (nats, bytes, tokens) of the windows tokens[s : s + block_size + 1], s in each row of starts
-    (batches, B), each predicting all of its block_size tokens: train.py's evaluation batches."""
+    (batches, B), each predicting all of its block_size tokens: the windows of train.py's evaluation,
+    from which tests/test_eval.py recomputes its val/bpb."""
     device = next(model.parameters()).device
     totals = totals_on(device)
     offsets = np.arange(block_size + 1)
@@ -144,9 +146,9 @@ def encode_pair(tokenizer, context, continuation):
     return ctx, whole[len(ctx):]
 
 
-@torch.no_grad()
-def choice_logprobs(model, tokenizer, context, choices, block_size, autocast=nullcontext):
-    """The summed log-probability of each choice's tokens after the context, from one padded batch."""
+def choice_tokens(tokenizer, context, choices, block_size):
+    """Each choice after the context as one token sequence of at most block_size + 1 (the model reads
+    seq[:-1], predicts seq[1:]), and the number of the choice's tokens at its end: (seqs, lengths)."""
     seqs, lengths = [], []
     for choice in choices:
         ctx, cont = encode_pair(tokenizer, context, choice)
@@ -156,30 +158,58 @@ def choice_logprobs(model, tokenizer, context, choices, block_size, autocast=nul
             ctx = [tokenizer.bos_token]
         if not cont:
             raise UserError(f"the choice {choice!r} encodes to no tokens")
-        seqs.append((ctx + cont)[-(block_size + 1):])  # the model reads seq[:-1] and predicts seq[1:]
+        seqs.append((ctx + cont)[-(block_size + 1):])
         lengths.append(min(len(cont), len(seqs[-1]) - 1))
-    width = max(len(s) for s in seqs) - 1
-    x = torch.zeros(len(seqs), width, dtype=torch.long)
+    return seqs, lengths
+
+
+@torch.no_grad()
+def continuation_logprobs(model, seqs, lengths, autocast=nullcontext):
+    """[(summed log-probability of the last n tokens of a sequence, whether each is the model's most
+    likely token)] for sequences (at most block_size + 1 long) and their n, in one right-padded batch
+    (causal attention: padding after a token changes nothing before it)."""
+    device = next(model.parameters()).device
+    x = torch.zeros(len(seqs), max(len(s) for s in seqs) - 1, dtype=torch.long)  # (B, T)
     for i, s in enumerate(seqs):
         x[i, :len(s) - 1] = torch.tensor(s[:-1])
     with autocast():
-        logits, _ = model(x.to(next(model.parameters()).device))
-    logp = F.log_softmax(logits.float(), dim=-1).cpu()  # (choices, width, V)
-    sums = []
+        logits, _ = model(x.to(device))
+    out = []
     for i, (s, n) in enumerate(zip(seqs, lengths)):
-        positions = torch.arange(len(s) - 1 - n, len(s) - 1)  # where the choice's n tokens are predicted
-        sums.append(logp[i, positions, torch.tensor(s[-n:])].sum().item())
-    return sums
+        logp = F.log_softmax(logits[i, len(s) - 1 - n:len(s) - 1].float(), dim=-1)  # (n, V): where they are predicted
+        target = torch.tensor(s[len(s) - n:], dtype=torch.long, device=device)
+        out.append((logp.gather(-1, target[:, None]).sum().item(), bool((logp.argmax(-1) == target).all())))
+    return out
 
 
-def score_choices(model, tokenizer, questions, block_size, autocast=nullcontext):
-    """acc and acc_norm over questions [(context, choices, label)]: lists of 0/1, one per question."""
+def choice_logprobs(model, tokenizer, context, choices, block_size, autocast=nullcontext):
+    """The summed log-probability of each choice's tokens after the context, from one padded batch."""
+    return [lp for lp, _ in continuation_logprobs(model, *choice_tokens(tokenizer, context, choices, block_size),
+                                                  autocast)]
+
+
+def encode_choices(tokenizer, questions, block_size):
+    """Questions [(context, choices, label)] as lm-eval scores them, " " + choice after the context:
+    [(seqs, lengths, label, characters of each choice)]. Text the tokenizer cannot encode fails here,
+    before any scoring."""
+    return [(*choice_tokens(tokenizer, context, [" " + c for c in choices], block_size), label,
+             [len(c) for c in choices]) for context, choices, label in questions]
+
+
+def best_choices(sums, chars):
+    """(the choice with the best summed log-probability: acc's pick, the best per character: acc_norm's)."""
+    per_char = [v / max(n, 1) for v, n in zip(sums, chars)]
+    return max(range(len(sums)), key=lambda i: sums[i]), max(range(len(sums)), key=lambda i: per_char[i])
+
+
+def score_choices(model, encoded, autocast=nullcontext):
+    """acc and acc_norm over encode_choices' questions: lists of 1 or 0, one per question."""
     acc, acc_norm = [], []
-    for context, choices, label in questions:
-        sums = choice_logprobs(model, tokenizer, context, [" " + c for c in choices], block_size, autocast)
-        acc.append(int(max(range(len(sums)), key=lambda i: sums[i]) == label))
-        per_char = [v / max(len(c), 1) for v, c in zip(sums, choices)]
-        acc_norm.append(int(max(range(len(sums)), key=lambda i: per_char[i]) == label))
+    for seqs, lengths, label, chars in encoded:
+        sums = [lp for lp, _ in continuation_logprobs(model, seqs, lengths, autocast)]
+        pick, pick_norm = best_choices(sums, chars)
+        acc.append(int(pick == label))
+        acc_norm.append(int(pick_norm == label))
     return acc, acc_norm
 
 
@@ -251,7 +281,7 @@ def hellaswag_file(split):
     if not os.path.isfile(path):
         os.makedirs(os.path.dirname(path), exist_ok=True)
         download(HELLASWAG_URL.format(split=split), path, f"put HellaSwag's hellaswag_{split}.jsonl in "
-                 f"data/hellaswag/, or use --tasks=mc --mc_file=FILE", log=sys.stderr)
+                 f"data/hellaswag/, or score a multiple-choice file of your own (the mc task)", log=sys.stderr)
     return path
 
 
@@ -265,8 +295,8 @@ def cloze_questions(tokens, n, context_tokens, answer_tokens, seed):
     rng = np.random.default_rng(seed)
     span = context_tokens + answer_tokens
     if len(tokens) < 4 * span:
-        raise UserError(f"the split has {len(tokens)} tokens, too few for cloze questions of {span} tokens; "
-                        f"lower --cloze_tokens or use a larger split")
+        raise UserError(f"the split has {len(tokens)} tokens, too few for cloze questions of {span} tokens "
+                        f"(a context and a continuation); use a larger split")
     questions = []
     for _ in range(n):
         start = int(rng.integers(0, len(tokens) - span + 1))
@@ -328,20 +358,22 @@ def check_task_names(names, valid, setting):
 # -----------------------------------------------------------------------------------------------
 # a benchmark task: its questions and their scores (eval.py, and train.py's eval_tasks)
 
-def benchmark_questions(task, block_size, n, seed, tokens=None, mc_file="", hellaswag_split="val", cloze_tokens=16):
-    """The questions of a benchmark task (cloze: n drawn from tokens; mc, hellaswag: the file's first n, 0 for all)."""
+def benchmark_questions(task, block_size, n, seed, tokens=None, tokenizer=None, mc_file="", hellaswag_split="val",
+                        cloze_tokens=16):
+    """A benchmark task's questions, ready to score (bad text fails here): cloze, n drawn from tokens;
+    mc and hellaswag, the file's first n (0: all) encoded by tokenizer."""
     if task == "cloze":
         if cloze_tokens >= block_size:
-            raise UserError(f"cloze_tokens ({cloze_tokens}) must be below the model's block_size ({block_size})")
+            raise UserError(f"cloze continuations of {cloze_tokens} tokens need a block_size above {cloze_tokens}, "
+                            f"not {block_size}")
         return cloze_questions(tokens, n, block_size - cloze_tokens, cloze_tokens, seed)
-    if task == "mc":
-        return read_mc_file(mc_file, n)
-    return hellaswag_questions(hellaswag_file(hellaswag_split), n)
+    questions = read_mc_file(mc_file, n) if task == "mc" else hellaswag_questions(hellaswag_file(hellaswag_split), n)
+    return encode_choices(tokenizer, questions, block_size)
 
 
-def benchmark_scores(task, model, tokenizer, questions, block_size, autocast=nullcontext):
+def benchmark_scores(task, model, questions, autocast=nullcontext):
     """{metric: [1 or 0 per question]}: acc for cloze; acc and acc_norm for multiple choice."""
     if task == "cloze":
         return {"acc": score_cloze(model, questions, autocast)}
-    acc, acc_norm = score_choices(model, tokenizer, questions, block_size, autocast)
+    acc, acc_norm = score_choices(model, questions, autocast)
     return {"acc": acc, "acc_norm": acc_norm}

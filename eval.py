@@ -36,7 +36,7 @@ import torch
 
 import runtime
 from benchmarks import (benchmark_questions, benchmark_scores, bits_per_byte, check_task_names, cloze_questions,
-                        mean_and_stderr, score_choices, score_cloze, score_stream, token_bytes)
+                        encode_choices, mean_and_stderr, score_choices, score_cloze, score_stream, token_bytes)
 from common import UserError, description, read_meta, read_text_file, run_cli, write_json_atomic
 from configurator import parse_args
 from hf import load_for_inference
@@ -64,7 +64,7 @@ class EvalConfig:
     lm_eval_tasks: str = ""        # comma-separated tasks of the lm-evaluation-harness (pip install lm-eval), through lm_eval_adapter.py
     lm_eval_include: str = ""      # a folder of local lm-eval task YAMLs (offline: dataset_path json + data_files)
     lm_eval_fewshot: int = -1      # few-shot examples for the lm-eval tasks (-1: each task's own default)
-    seed: int = 1337               # fixes the cloze test's questions
+    seed: int = 1337               # fixes the cloze test's questions (and lm-eval's sampling, if a task samples)
     out: str = ""                  # where eval.json goes ("" : beside the checkpoint)
     device: str = "auto"           # auto | cpu | cuda | cuda:N | mps
     dtype: str = "auto"            # auto | float32 | bfloat16 | float16 (as train.py's)
@@ -111,9 +111,11 @@ def chosen_tasks(tasks, cfg, ckpt):
         return tasks
     if cfg["lm_eval_tasks"]:
         return []
-    data_dir = cfg["dataset"] or ckpt.get("dataset_dir") or ""
-    meta = read_meta(data_dir) if os.path.isfile(os.path.join(data_dir, "meta.json")) else {}
-    return ["instruct"] if meta.get("task") == "instruct" else ["bpb", "cloze"]
+    try:
+        instruct = dataset_of(cfg, ckpt)[1].get("task") == "instruct"
+    except UserError:  # no dataset: bpb says so, or measures --text
+        instruct = False
+    return ["instruct"] if instruct else ["bpb", "cloze"]
 
 
 def split_tokens(cfg, ckpt, tokenizer):
@@ -187,8 +189,9 @@ def run_task(task, cfg, model, tokenizer, ckpt, autocast):
         return instruct_rows(cfg, model, tokenizer, ckpt, autocast)
     tokens = split_tokens(cfg, ckpt, tokenizer) if task == "cloze" else None
     questions = benchmark_questions(task, block, cfg["cloze_questions"] if task == "cloze" else cfg["limit"],
-                                    cfg["seed"], tokens, cfg["mc_file"], cfg["hellaswag_split"], cfg["cloze_tokens"])
-    scores = benchmark_scores(task, model, tokenizer, questions, block, autocast)
+                                    cfg["seed"], tokens, tokenizer, cfg["mc_file"], cfg["hellaswag_split"],
+                                    cfg["cloze_tokens"])
+    scores = benchmark_scores(task, model, questions, autocast)
     return [dict(task=task, metric=m, value=v, stderr=se, examples=len(questions))
             for m, (v, se) in ((m, mean_and_stderr(s)) for m, s in scores.items())]
 
@@ -197,6 +200,8 @@ def lm_eval_tasks(cfg):
     """The --lm_eval_tasks, checked against lm-eval's index before any work; (names, lm-eval's task manager)."""
     from lm_eval_adapter import task_manager
     names = [t.strip() for t in cfg["lm_eval_tasks"].split(",") if t.strip()]
+    if not names:
+        raise UserError(f"--lm_eval_tasks={cfg['lm_eval_tasks']!r} names no task; e.g. --lm_eval_tasks=hellaswag,arc_easy")
     return names, task_manager(names, cfg["lm_eval_include"])
 
 
@@ -249,7 +254,7 @@ def bench(cfg, rt):
         cloze = cloze_questions(tokens, n_cloze, block - cfg["cloze_tokens"], cfg["cloze_tokens"], cfg["seed"])
         rates = []
         for run, n in ((lambda: score_cloze(model, cloze, rt.autocast), n_cloze),
-                       (lambda: score_choices(model, tok, mc[:n_mc], block, rt.autocast), n_mc),
+                       (lambda: score_choices(model, encode_choices(tok, mc[:n_mc], block), rt.autocast), n_mc),
                        (lambda: score_stream(model, tokens[:n_tokens], token_bytes(tok, tok.vocab_size), block,
                                              block // 2, cfg["batch_size"], rt.autocast), n_tokens)):
             run()  # warm-up

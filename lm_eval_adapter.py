@@ -10,24 +10,28 @@ Design choices:
   empty context is the end-of-text token; the sequence keeps its last block_size + 1 tokens.
   loglikelihood_rolling: the text after the end-of-text token, in disjoint windows of block_size
   predicted tokens (benchmarks.stream_windows with stride block_size), the last with a full context.
-  generate_until: greedy on the KV cache (decoding.generate_batch), the context keeping its last
-  block_size - max_gen_toks tokens (at least half the block), each answer cut at its first stop string.
+  generate_until: on the KV cache (decoding.generate_batch), greedy unless the task samples, the
+  context keeping its last block_size - max_gen_toks tokens, each answer cut at its first stop string.
+- A tokenizer with a beginning-of-text token of its own (Llama 3's) starts every context with it,
+  as hf's tokenizers do; ours (GPT-2's, a BPE trained here) have none.
 - Requests are scored longest first, batch_size at a time, right-padded (causal attention: padding
   after a token changes nothing before it), and handed back in lm-eval's order.
 """
 from contextlib import nullcontext
 
 import torch
-import torch.nn.functional as F
 
-from benchmarks import encode_pair, stream_windows
-from common import UserError
+from benchmarks import continuation_logprobs, encode_pair, stream_windows
+from common import UserError, first_line
 from decoding import generate_batch
 
 try:
     from lm_eval.api.model import LM
-except ImportError:
-    raise UserError("--lm_eval_tasks needs the lm-evaluation-harness: pip install lm-eval") from None
+    from lm_eval.models.utils import normalize_gen_kwargs
+except ImportError as e:
+    if e.name and e.name.split(".")[0] == "lm_eval" and "normalize_gen_kwargs" not in str(e):
+        raise UserError("--lm_eval_tasks needs the lm-evaluation-harness: pip install lm-eval") from None
+    raise UserError(f"the lm-evaluation-harness does not import ({e}); pip install -U lm-eval") from None
 
 
 class CheckpointLM(LM):
@@ -43,18 +47,20 @@ class CheckpointLM(LM):
         self.batch_size, self.autocast, self.max_gen_toks = batch_size, autocast, max_gen_toks
         self._device = next(model.parameters()).device  # lm-eval's LM.device reads it
         self.generator = torch.Generator(device=self._device).manual_seed(seed)
+        # a tokenizer with its own beginning-of-text token (Llama 3's) starts every text with it, as hf's does
+        self.begin = [tokenizer.bos_token] if tokenizer.bos_token != tokenizer.eot_token else []
 
     # -- log-likelihoods ------------------------------------------------------------------------
 
     def pair_tokens(self, context, continuation):
         """(context ids, continuation ids) as lm-eval's causal models split them."""
-        if context:
-            return encode_pair(self.tokenizer, context, continuation)
-        cont = self.tokenizer.encode(continuation)
+        if context.strip():
+            ctx, cont = encode_pair(self.tokenizer, context, continuation)
+            return self.begin + ctx, cont
+        cont = self.tokenizer.encode(context + continuation)  # nothing to condition on but the prefix token
         prefix = self.tokenizer.bos_token
         return ([prefix], cont) if not cont or cont[0] != prefix else (cont[:1], cont[1:])
 
-    @torch.no_grad()
     def score_pairs(self, pairs):
         """[(summed log-probability of the continuation, whether greedy decoding gives it)] per
         (context ids, continuation ids)."""
@@ -63,18 +69,9 @@ class CheckpointLM(LM):
         for at in range(0, len(order), self.batch_size):
             group = order[at:at + self.batch_size]
             seqs = [(pairs[i][0] + pairs[i][1])[-(self.block_size + 1):] for i in group]
-            x = torch.zeros(len(seqs), max(len(s) for s in seqs) - 1, dtype=torch.long)  # (B, T)
-            for row, s in enumerate(seqs):
-                x[row, :len(s) - 1] = torch.tensor(s[:-1])
-            with self.autocast():
-                logits, _ = self.model(x.to(self._device))
-            logp = F.log_softmax(logits.float(), dim=-1).cpu()  # (B, T, V)
-            for row, (i, s) in enumerate(zip(group, seqs)):
-                n = min(len(pairs[i][1]), len(s) - 1)
-                at_cont = logp[row, len(s) - 1 - n:len(s) - 1]  # (n, V): where the continuation is predicted
-                target = torch.tensor(s[len(s) - n:])
-                greedy = bool((at_cont.argmax(-1) == target).all())
-                out[i] = (at_cont[torch.arange(n), target].sum().item(), greedy)
+            lengths = [min(len(pairs[i][1]), len(s) - 1) for i, s in zip(group, seqs)]
+            for i, result in zip(group, continuation_logprobs(self.model, seqs, lengths, self.autocast)):
+                out[i] = result
         return out
 
     def loglikelihood(self, requests, disable_tqdm=False):
@@ -102,33 +99,39 @@ class CheckpointLM(LM):
         for ids in groups.values():
             for at in range(0, len(ids), self.batch_size):
                 chunk = ids[at:at + self.batch_size]
-                for i, text in zip(chunk, self.generate([requests[i].args[0] for i in chunk], requests[chunk[0]].args[1])):
+                texts = self.generate([requests[i].args[0] for i in chunk], requests[chunk[0]].args[1])
+                for i, text in zip(chunk, texts):
                     out[i] = text
         return out
 
     def generate(self, contexts, gen_kwargs):
-        """Answers to contexts under one request's gen_kwargs (until, max_gen_toks, temperature, do_sample)."""
-        until = gen_kwargs.get("until") or []
-        until = [until] if isinstance(until, str) else list(until)
-        max_new = int(gen_kwargs.get("max_gen_toks", self.max_gen_toks))
-        sample = gen_kwargs.get("do_sample", False) and float(gen_kwargs.get("temperature", 0.0)) > 0
-        temperature = float(gen_kwargs.get("temperature", 1.0)) if sample else 0.0
-        keep = max(self.block_size - max_new, self.block_size // 2)
-        prompts = [self.tokenizer.encode(c)[-keep:] or [self.tokenizer.bos_token] for c in contexts]
-        answers = [[] for _ in contexts]
+        """Answers to contexts under one request's gen_kwargs, read as lm-eval's own models read them
+        (normalize_gen_kwargs: until, max_gen_toks and its aliases, do_sample, temperature, top_k, top_p)."""
+        kw = normalize_gen_kwargs(gen_kwargs, self.max_gen_toks)
+        until = [u for u in kw["until"] if u]
+        max_new = kw["max_gen_toks"]
+        if max_new >= self.block_size:
+            raise UserError(f"the task generates up to {max_new} tokens, which leaves no room for its prompt in this "
+                            f"model's context of {self.block_size}")
+        temperature = float(kw.get("temperature") or 0.0) if kw["do_sample"] else 0.0
+        keep = self.block_size - max_new  # the context's last tokens, as hf's left truncation keeps them
+        prompts = [(self.begin + self.tokenizer.encode(c))[-keep:] or [self.tokenizer.bos_token] for c in contexts]
+        texts = [[] for _ in contexts]
 
-        def stopped(row, token):  # a row ends as soon as its text holds a stop string
-            answers[row].append(token)
-            return bool(until) and any(u in self.tokenizer.decode(answers[row]) for u in until)
-        generate_batch(self.model, prompts, max_new, temperature=temperature, stop_tokens=self.tokenizer.stop_tokens,
-                       on_token=stopped, generator=self.generator)
-        texts = []
+        def stopped(row, token):  # sees each new token: a row ends once its text holds a stop string
+            texts[row].append(token)
+            return bool(until) and any(u in self.tokenizer.decode(texts[row]) for u in until)
+        with self.autocast():
+            answers = generate_batch(self.model, prompts, max_new, temperature=temperature, top_k=kw.get("top_k"),
+                                     top_p=kw.get("top_p"), stop_tokens=self.tokenizer.stop_tokens, on_token=stopped,
+                                     generator=self.generator)
+        results = []
         for ids in answers:
             text = self.tokenizer.decode(ids)
             for u in until:
                 text = text.split(u)[0]
-            texts.append(text)
-        return texts
+            results.append(text)
+        return results
 
 
 def task_manager(tasks, include=""):
@@ -151,10 +154,13 @@ def run_lm_eval(model, tokenizer, tasks, manager=None, limit=0, fewshot=None, ba
     """lm-eval's tasks on the model: result lines [{"task", "metric", "value", "stderr", "examples"}], and
     with log_samples, lm-eval's whole output as a second value."""
     import lm_eval
-    out = lm_eval.simple_evaluate(model=CheckpointLM(model, tokenizer, batch_size, autocast, seed=seed), tasks=tasks,
-                                  task_manager=manager or task_manager(tasks), num_fewshot=fewshot,
-                                  limit=limit or None, log_samples=log_samples, random_seed=seed,
-                                  numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed)
+    lm = CheckpointLM(model, tokenizer, batch_size, autocast, seed=seed)
+    try:  # lm-eval's own seeds, so that its few-shot examples are those its hf model draws
+        out = lm_eval.simple_evaluate(model=lm, tasks=tasks, task_manager=manager or task_manager(tasks),
+                                      num_fewshot=fewshot, limit=limit or None, log_samples=log_samples)
+    except (OSError, ConnectionError) as e:  # a task's data not reachable: the Hub offline, a local file gone
+        raise UserError(f"lm-eval could not load its data ({first_line(e)}); its tasks download from the Hugging "
+                        f"Face Hub, offline use --lm_eval_include with local task YAMLs") from None
     rows = []
     for task, metrics in out["results"].items():
         examples = out.get("n-samples", {}).get(task, {}).get("effective")

@@ -619,8 +619,9 @@ class Run:
         return token_bytes(tokenizer, self.raw_model.config.vocab_size).to(self.rt.device)
 
     def open_benchmarks(self):
-        """eval_tasks' questions, drawn once so that every evaluation asks the same ones, and the
-        tokenizer that multiple choice needs."""
+        """eval_tasks' questions, drawn and encoded once (text the tokenizer cannot encode fails here, not
+        at an evaluation), so that every evaluation asks the same ones. Every process builds them; a
+        failure on any stops all of them."""
         cfg = self.cfg
         names = check_task_names(cfg["eval_tasks"], TRAIN_TASKS, "eval_tasks")
         if names and self.task == "classify":
@@ -628,20 +629,29 @@ class Run:
         if "cloze" in names and self.task != "lm":
             raise UserError("eval_tasks=cloze draws its questions from a language-model dataset's val split; use mc "
                             "or hellaswag on an instruct dataset")
-        self.benchmark_tokenizer = None
-        if any(t != "cloze" for t in names):
-            from tokenizer import dataset_tokenizer
-            self.benchmark_tokenizer = dataset_tokenizer(self.data_dir)
-        val = self.splits["val"].data if self.task == "lm" else None
-        return {t: benchmark_questions(t, self.raw_model.config.block_size, cfg["eval_examples"], cfg["seed"], val,
-                                       mc_file=cfg["eval_mc_file"]) for t in names}
+        block = self.raw_model.config.block_size
+        problem, questions = None, {}
+        try:
+            tokenizer = None
+            if any(t != "cloze" for t in names):
+                from tokenizer import dataset_tokenizer
+                tokenizer = dataset_tokenizer(self.data_dir)
+            val = self.splits["val"].data if self.task == "lm" else None
+            questions = {t: benchmark_questions(t, block, cfg["eval_examples"], cfg["seed"], val, tokenizer,
+                                                cfg["eval_mc_file"], cloze_tokens=min(16, block // 2))
+                         for t in names}
+        except UserError as e:
+            problem = e
+        if self.rt.any(problem is not None):
+            raise problem or UserError("another process could not build eval_tasks' questions (see its message)")
+        return questions
 
     @torch.no_grad()
     def evaluate_benchmarks(self):
         """eval_tasks' scores, {"TASK/acc": ..., "TASK/acc_norm": ...}, the questions shared out over the
         processes (with fsdp every process runs as many forwards: padding questions, not counted)."""
         rt, out = self.rt, {}
-        model, block = self.raw_model.eval(), self.raw_model.config.block_size
+        model = self.raw_model.eval()
         autocast = functools.partial(rt.autocast, enabled=not self.sharded)
         for task, questions in self.benchmarks.items():
             share = -(-len(questions) // rt.world)
@@ -649,7 +659,7 @@ class Run:
             real = len(mine)
             if self.sharded:
                 mine = mine + questions[:share - real]
-            scores = benchmark_scores(task, model, self.benchmark_tokenizer, mine, block, autocast)
+            scores = benchmark_scores(task, model, mine, autocast)
             totals = torch.tensor([sum(v[:real]) for v in scores.values()] + [real], dtype=totals_on(rt.device).dtype,
                                   device=rt.device)
             rt.total(totals)

@@ -102,8 +102,9 @@ def test_padded_choices_score_as_each_would_alone():
 
 def test_acc_takes_the_best_sum_and_acc_norm_the_best_sum_per_character(monkeypatch):
     # sums -6 and -8: acc picks the first; per character -6/3 = -2 against -8/8 = -1: acc_norm the second
-    monkeypatch.setattr(bm, "choice_logprobs", lambda *a: [-6.0, -8.0])
-    acc, acc_norm = bm.score_choices(None, None, [("ctx", ["abc", "abcdefgh"], 1)], 16)
+    assert bm.best_choices([-6.0, -8.0], [3, 8]) == (0, 1)
+    monkeypatch.setattr(bm, "continuation_logprobs", lambda *a: [(-6.0, False), (-8.0, False)])
+    acc, acc_norm = bm.score_choices(None, [(None, None, 1, [3, 8])])
     assert acc == [0] and acc_norm == [1]
 
 
@@ -193,7 +194,7 @@ def test_a_bad_question_file_is_one_line_naming_file_and_line(trained, tmp_path,
 @pytest.mark.parametrize("args, message", [
     (["--tasks=clozee"], "unknown task 'clozee' in --tasks; did you mean 'cloze'?"),
     (["--tasks=mc"], "--tasks=mc needs --mc_file=FILE"),
-    (["--cloze_tokens=32", "--tasks=cloze"], "cloze_tokens (32) must be below the model's block_size (32)"),
+    (["--cloze_tokens=32", "--tasks=cloze"], "cloze continuations of 32 tokens need a block_size above 32, not 32"),
     (["--split=tset"], "split must be train, val or test"),
     (["--split=test"], "language-model datasets have train and val splits only"),
     (["--tasks=instruct"], "is not an instruct dataset"),
@@ -296,7 +297,7 @@ def test_eval_tasks_log_the_cloze_score_at_every_evaluation_on_the_same_question
     assert ckpt["iter_num"] == 40
     tokens = np.memmap(workdir / "data" / "tiny" / "val.bin", dtype=np.uint16, mode="r")
     questions = bm.benchmark_questions("cloze", 32, 60, ckpt["config"]["seed"], tokens)  # what eval.py would ask
-    scores = bm.benchmark_scores("cloze", model_from_checkpoint(ckpt).eval(), None, questions, 32)
+    scores = bm.benchmark_scores("cloze", model_from_checkpoint(ckpt).eval(), questions)
     assert logged[-1]["cloze/acc"] == pytest.approx(sum(scores["acc"]) / 60)
 
 
@@ -330,3 +331,11 @@ def test_lm_eval_tasks_without_the_harness_installed_are_one_line(trained, monke
     result = run_main("eval.py", "--out_dir=out", "--lm_eval_tasks=hellaswag", "--device=cpu", cwd=trained,
                       check=False)
     one_line_error(result, "--lm_eval_tasks needs the lm-evaluation-harness: pip install lm-eval")
+
+
+def test_eval_tasks_questions_the_tokenizer_cannot_encode_fail_before_training(workdir):
+    write_lines(workdir / "mc.jsonl", [{"context": "ROMEO: ", "choices": ["the", "\u20ac 5"], "label": 0}])
+    result = run_main("train.py", *TINY_MODEL, "--out_dir=out", "--max_iters=10", "--eval_tasks=mc",
+                      "--eval_mc_file=mc.jsonl", cwd=workdir, check=False)
+    one_line_error(result, "characters not in this char-level vocabulary")
+    assert "step 0" not in result.stdout and not (workdir / "out" / "ckpt.pt").exists()

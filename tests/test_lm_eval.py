@@ -238,3 +238,20 @@ def test_an_unknown_lm_eval_task_is_one_line_naming_the_nearest(tmp_path, monkey
                       cwd=tmp_path, check=False)
     one_line_error(result, "lm-eval has no task 'local_rollin'; did you mean 'local_rolling'?")
     assert not any(p.name == "eval.json" for p in tmp_path.rglob("*"))
+
+
+def test_generation_settings_are_read_as_lm_eval_reads_them(corpus_text):
+    import torch
+    from common import UserError
+    from lm_eval_adapter import CheckpointLM
+    from model import GPT, GPTConfig
+    from tokenizer import bpe_tokenizer, train_bpe
+    tok = bpe_tokenizer(train_bpe([corpus_text[:20_000]], 300))
+    torch.manual_seed(0)
+    lm = CheckpointLM(GPT(GPTConfig(vocab_size=tok.vocab_size, block_size=32, n_layer=1, n_head=2, n_embd=16)), tok)
+    greedy = lm.generate(["ROMEO:", "ROMEO:"], {"until": [""], "max_new_tokens": 6})  # an alias; an empty stop skipped
+    assert greedy[0] == greedy[1] != "" and greedy == lm.generate(["ROMEO:"] * 2, {"max_gen_toks": 6, "do_sample": False})
+    sampled = lm.generate(["ROMEO:"] * 4, {"temperature": 1.0, "max_gen_toks": 6})  # temperature alone samples
+    assert len(set(sampled)) > 1
+    with pytest.raises(UserError, match="leaves no room for its prompt"):
+        lm.generate(["ROMEO:"], {"max_gen_toks": 32})
