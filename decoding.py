@@ -85,6 +85,33 @@ class KVCache:
         self.k = [None if k is None else k.index_select(0, index) for k in self.k]
         self.v = [None if v is None else v.index_select(0, index) for v in self.v]
 
+    def join(self, other):
+        """Add the rows of other (a cache of the same model, filled) below these, both right-aligned to
+        the longer: the new padding is masked like any other, so every row computes what it did
+        (continuous batching: a request prefilled alone joins the running batch)."""
+        n = max(self.length, other.length)
+        if n > self.max_len:
+            raise ValueError(f"KV cache overflow: {n} tokens > max_len {self.max_len}")
+        for kv in (self.k, self.v):
+            theirs = other.k if kv is self.k else other.v
+            for i, (a, b) in enumerate(zip(kv, theirs)):
+                joined = a.new_zeros((a.size(0) + b.size(0), a.size(1), self.max_len, a.size(3)))
+                joined[:a.size(0), :, n - self.length:n] = a[:, :, :self.length]
+                joined[a.size(0):, :, n - other.length:n] = b[:, :, :other.length]
+                kv[i] = joined
+        self.pad = torch.cat((self.pad + n - self.length, other.pad + n - other.length))
+        self.length, self.padded = n, bool(self.pad.any())
+
+    def compact(self):
+        """Drop the leading slots that are padding in every row (room for more steps)."""
+        drop = int(self.pad.min())
+        if drop:
+            for kv in (self.k, self.v):
+                for i, t in enumerate(kv):
+                    t[:, :, :self.length - drop] = t[:, :, drop:self.length].clone()
+            self.pad, self.length = self.pad - drop, self.length - drop
+            self.padded = bool(self.pad.any())
+
 
 class _LayerCache:
     """One layer's view of a KVCache: what CausalSelfAttention needs."""

@@ -38,7 +38,7 @@ from configurator import parse_args
 from decoding import beam_search, generate_batch
 from hf import load_for_inference
 from model import GPT, GPTConfig
-from tokenizer import StreamDecoder
+from tokenizer import StopText
 
 
 @dataclass
@@ -119,40 +119,6 @@ def encode_prompt(tokenizer, text):
     return ids
 
 
-class StopText:
-    """Text of one sample as its tokens arrive: cut at the stop string, and releasing only text
-    that cannot turn out to be the start of it, so streamed output never shows the stop string."""
-
-    def __init__(self, tokenizer, stop):
-        self.decoder, self.stop = StreamDecoder(tokenizer), stop
-        self.text, self.released, self.done = "", 0, False
-
-    def _release(self, safe):
-        out = self.text[self.released:safe] if safe > self.released else ""
-        self.released = max(self.released, safe)
-        return out
-
-    def add(self, token):
-        """Feed one token; returns the text now safe to show."""
-        self.text += self.decoder.feed([token])
-        if not self.stop:
-            return self._release(len(self.text))
-        # an earlier match would have been complete at the previous step, so look from here
-        at = self.text.find(self.stop, max(0, self.released - len(self.stop)))
-        if at >= 0:
-            self.text, self.done = self.text[:at], True
-            return self._release(at)
-        return self._release(len(self.text) - len(self.stop) + 1)
-
-    def finish(self):
-        """The rest: held-back text and any incomplete character."""
-        if not self.done:
-            self.text += self.decoder.flush()
-            if self.stop and self.stop in self.text:
-                self.text = self.text[:self.text.index(self.stop)]
-        return self._release(len(self.text))
-
-
 def unescape(text):
     """--stop=\\n typed in a shell arrives as backslash-n; a stop string almost always means a newline."""
     return text.replace("\\n", "\n").replace("\\t", "\t")
@@ -199,7 +165,7 @@ def samples_per_prompt(cfg):
 def run_batch(model, tokenizer, prompts, cfg, generator):
     """All prompts x num_samples decoded as one batch; prints them at the end. Returns tokens generated."""
     rows = [ids for ids in prompts for _ in range(samples_per_prompt(cfg))]
-    texts = [StopText(tokenizer, unescape(cfg["stop"])) for _ in rows]
+    texts = [StopText(tokenizer, [unescape(cfg["stop"])]) for _ in rows]
 
     def on_token(row, token):
         texts[row].add(token)
@@ -218,7 +184,7 @@ def run_stream(model, tokenizer, prompts, cfg, generator):
     for ids in prompts:
         for _ in range(k):
             print(tokenizer.decode(ids), end="", flush=True)
-            text = StopText(tokenizer, unescape(cfg["stop"]))
+            text = StopText(tokenizer, [unescape(cfg["stop"])])
 
             def on_token(row, token):
                 print(text.add(token), end="", flush=True)

@@ -194,6 +194,46 @@ class StreamDecoder:
         return text
 
 
+class StopText:
+    """Text of one sample as its tokens arrive: cut at the first of the stop strings, releasing only
+    text that cannot turn out to be the start of one, so streamed output never shows a stop string."""
+
+    def __init__(self, tokenizer, stops=()):
+        self.decoder, self.stops = StreamDecoder(tokenizer), [s for s in stops if s]
+        self.hold = max((len(s) for s in self.stops), default=0)  # text that may yet begin a stop string
+        self.text, self.released, self.done = "", 0, False
+
+    def _release(self, safe):
+        out = self.text[self.released:safe] if safe > self.released else ""
+        self.released = max(self.released, safe)
+        return out
+
+    def _first_stop(self, start):
+        found = [at for at in (self.text.find(s, start) for s in self.stops) if at >= 0]
+        return min(found) if found else -1
+
+    def add(self, token):
+        """Feed one token; returns the text now safe to show."""
+        self.text += self.decoder.feed([token])
+        if not self.stops:
+            return self._release(len(self.text))
+        # an earlier match would have been complete at the previous step, so look from here
+        at = self._first_stop(max(0, self.released - self.hold))
+        if at >= 0:
+            self.text, self.done = self.text[:at], True
+            return self._release(at)
+        return self._release(len(self.text) - self.hold + 1)
+
+    def finish(self):
+        """The rest: held-back text and any incomplete character."""
+        if not self.done:
+            self.text += self.decoder.flush()
+            at = self._first_stop(0)
+            if at >= 0:
+                self.text, self.done = self.text[:at], True
+        return self._release(len(self.text))
+
+
 def _complete_utf8_prefix(data):
     """Length of the longest prefix of data that does not end inside a UTF-8 character."""
     # look back at most 3 bytes for the lead byte of an unfinished character

@@ -211,3 +211,25 @@ def children(pid):
         except (OSError, IndexError, ValueError):
             pass
     return kids
+
+
+def write_alpaca(path, n=40):
+    """n Alpaca-style records a tiny model can learn: repeat a numbered word."""
+    records = [{"instruction": f"Repeat the word number {i}.", "input": "" if i % 2 else f"word{i}",
+                "output": f"word{i} word{i}"} for i in range(n)]
+    path.write_text(json.dumps(records), encoding="utf-8")
+    return records
+
+
+@pytest.fixture(scope="session")
+def instruct_run(tmp_path_factory):
+    """A folder with data/alp (Alpaca-style records, a 300-token BPE) and out/, a tiny model trained on them.
+    Shared: copy it (copy_run) before changing anything in it."""
+    folder = tmp_path_factory.mktemp("instruct")
+    write_alpaca(folder / "a.json", n=60)
+    run_main("prepare.py", "--input", "a.json", "--task", "instruct", "--tokenizer", "bpe", "--vocab_size", "300",
+             "--val_fraction", "0.1", "--test_fraction", "0.1", "--out", "data/alp", cwd=folder)
+    args = [a for a in TINY_MODEL if not a.startswith(("--dataset", "--block_size"))]
+    run_main("train.py", *args, "--dataset=alp", "--block_size=96", "--out_dir=out", "--max_iters=60",
+             "--eval_interval=30", "--pack=True", cwd=folder)
+    return folder

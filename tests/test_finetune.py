@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import tasks
-from conftest import SHARED, TINY_MODEL, CountingForward, one_line_error, read_metrics, run_main
+from conftest import SHARED, TINY_MODEL, CountingForward, one_line_error, read_metrics, run_main, write_alpaca
 from model import GPT, GPTConfig
 from train import adapt_model
 
@@ -29,13 +29,6 @@ def write_sms(path, n=300, seed=0):
         words = spam if is_spam else ham
         lines.append(("spam" if is_spam else "ham") + "\t" + " ".join(rng.choice(words) for _ in range(rng.randint(3, 12))))
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-
-
-def write_alpaca(path, n=40):
-    records = [{"instruction": f"Repeat the word number {i}.", "input": "" if i % 2 else f"word{i}",
-                "output": f"word{i} word{i}"} for i in range(n)]
-    path.write_text(json.dumps(records), encoding="utf-8")
-    return records
 
 
 # ------------------------------------------------------------------------------------------- model
@@ -267,19 +260,6 @@ def test_lora_run_saves_small_adapters_that_merge_into_the_base(tmp_path):
     resumed = torch.load(tmp_path / "lora" / "adapters.pt", weights_only=True)
     assert resumed["base"] == adapters["base"] == str(tmp_path / "base" / "ckpt.pt")
     one_line_error(run_main("merge_lora.py", "base", cwd=tmp_path, check=False), "no adapters at")
-
-
-@pytest.fixture(scope="module")
-def instruct_run(tmp_path_factory):
-    """A folder with data/alp (Alpaca-style records, a 300-token BPE) and out/, a tiny model trained on them."""
-    folder = tmp_path_factory.mktemp("instruct")
-    write_alpaca(folder / "a.json", n=60)
-    run_main("prepare.py", "--input", "a.json", "--task", "instruct", "--tokenizer", "bpe", "--vocab_size", "300",
-             "--val_fraction", "0.1", "--test_fraction", "0.1", "--out", "data/alp", cwd=folder)
-    args = [a for a in TINY_MODEL if not a.startswith(("--dataset", "--block_size"))]
-    run_main("train.py", *args, "--dataset=alp", "--block_size=96", "--out_dir=out", "--max_iters=60",
-             "--eval_interval=30", "--pack=True", cwd=folder)
-    return folder
 
 
 def test_an_instruct_run_lowers_the_response_loss_and_answers_in_the_template(instruct_run):

@@ -5,6 +5,7 @@ import sys
 import pytest
 
 import sample
+from tokenizer import StopText
 from conftest import TINY_MODEL, one_line_error, prepare_tiny, run_main
 
 MULTIBYTE = "Café déjà vu — naïve cœur. 日本語のテキスト 🙂🎭 «fin»\n"
@@ -84,7 +85,7 @@ def test_streaming_a_bpe_token_stream_never_splits_a_character(tiktoken_cache):
     tokenizer = load_tokenizer({"kind": "gpt2"})
     ids = tokenizer.encode(MULTIBYTE)
     assert any("\ufffd" in tokenizer.decode([i]) for i in ids)  # some tokens hold part of a character
-    text = sample.StopText(tokenizer, "")
+    text = StopText(tokenizer)
     pieces = [text.add(i) for i in ids] + [text.finish()]
     assert "".join(pieces) == MULTIBYTE and not any("\ufffd" in p for p in pieces)
 
@@ -92,9 +93,12 @@ def test_streaming_a_bpe_token_stream_never_splits_a_character(tiktoken_cache):
 def test_stop_text_holds_back_a_possible_stop_string_and_cuts_at_it(tiktoken_cache):
     from tokenizer import load_tokenizer
     tokenizer = load_tokenizer({"kind": "gpt2"})
-    text = sample.StopText(tokenizer, "vu —")
+    text = StopText(tokenizer, ["vu —"])
     shown = "".join(text.add(i) for i in tokenizer.encode(MULTIBYTE) if not text.done) + text.finish()
     assert shown == "Café déjà " and text.done
+    text = StopText(tokenizer, ["zzz", "déj", "vu"])  # several: cut at the earliest
+    shown = "".join(text.add(i) for i in tokenizer.encode(MULTIBYTE) if not text.done) + text.finish()
+    assert shown == "Café " and text.done
 
 
 @pytest.mark.parametrize("stream", [False, True])
