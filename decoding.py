@@ -88,7 +88,7 @@ class KVCache:
     def join(self, other):
         """Add the rows of other (a cache of the same model, filled) below these, both right-aligned to
         the longer: the new padding is masked like any other, so every row computes what it did
-        (continuous batching: a request prefilled alone joins the running batch)."""
+        (continuous batching: requests prefilled together join the running batch)."""
         n = max(self.length, other.length)
         if n > self.max_len:
             raise ValueError(f"KV cache overflow: {n} tokens > max_len {self.max_len}")

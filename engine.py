@@ -30,7 +30,8 @@ from decoding import KVCache, check_sampling, choose_next, left_pad
 class Request:
     """One sequence to decode. on_token(token, logprob, top) sees each new token (top: the
     top_logprobs most likely [(id, logprob)]) and returns True to end the row there; on_end(reason)
-    is called once, reason "stop", "length", "cancelled" or "error". Set cancelled from any thread."""
+    is called exactly once, reason "stop", "length", "cancelled" or "error". Set cancelled from any
+    thread."""
     prompt: list
     max_new_tokens: int
     temperature: float = 1.0
@@ -43,6 +44,7 @@ class Request:
     on_end: Callable = lambda reason: None
     cancelled: bool = False
     generated: int = field(default=0, init=False)
+    ended: bool = field(default=False, init=False)
 
 
 class Engine:
@@ -87,15 +89,15 @@ class Engine:
     def run(self):
         """Decode until stop(): admit waiting requests, step the batch; then cancel what is left."""
         while not self.stopping.is_set():
-            try:
-                self.admit(wait=not self.rows)
-                if self.rows:
+            self.admit(wait=not self.rows)
+            if self.rows:
+                try:
                     self.step()
-            except Exception:  # a failed forward ends its rows, never the server
-                traceback.print_exc()
-                for r in self.rows:
-                    self.end(r, "error")
-                self.rows, self.cache, self.logits = [], None, None
+                except Exception:  # a failed forward ends its rows, never the server
+                    traceback.print_exc()
+                    for r in self.rows:
+                        self.end(r, "error")
+                    self.rows, self.cache, self.logits = [], None, None
         for r in self.rows:
             self.end(r, "cancelled")
         while not self.incoming.empty():
@@ -112,17 +114,22 @@ class Engine:
             if r.cancelled:
                 self.end(r, "cancelled")
                 continue
-            r.generator = None
-            if r.seed is not None:
-                r.generator = torch.Generator(device=self.device).manual_seed(r.seed)
-            r.length = len(r.prompt)  # tokens in the row's context
             new.append(r)
-        if new:
+        if not new:
+            return
+        try:
             self.join(new)
+        except Exception:  # a failed prefill ends the new requests alone
+            traceback.print_exc()
+            for r in new:
+                self.end(r, "error")
 
     @torch.no_grad()
     def join(self, new):
         """Prefill new requests in one left-padded batch and add their rows to the running one."""
+        for r in new:
+            r.generator = None if r.seed is None else torch.Generator(device=self.device).manual_seed(r.seed)
+            r.length = len(r.prompt)  # tokens in the row's context
         idx, pad = left_pad([r.prompt for r in new], self.device)
         cache = KVCache(self.model.config.n_layer, self.block_size, pad)
         logits, _ = self.model(idx, cache=cache)
@@ -169,7 +176,13 @@ class Engine:
                 top = list(zip(ids.tolist(), values.tolist()))
             r.generated += 1
             r.length += 1
-            if r.on_token(token, chosen_logp[b], top):
+            try:
+                said_stop = r.on_token(token, chosen_logp[b], top)
+            except Exception:  # a callback's failure ends its own row
+                traceback.print_exc()
+                self.end(r, "error")
+                continue
+            if said_stop:
                 self.end(r, "stop")
             elif r.generated >= r.max_new_tokens or r.length >= self.block_size:
                 self.end(r, "length")
@@ -190,6 +203,9 @@ class Engine:
         self.steps += 1
 
     def end(self, r, reason):
+        if r.ended:
+            return
+        r.ended = True
         with self.lock:
             self.pending.discard(r)
         try:

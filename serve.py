@@ -13,9 +13,11 @@ page). Needs fastapi and uvicorn (pip install fastapi uvicorn); nothing else in 
 Design choices:
 - engine.py decodes: one thread owns the model; requests join the running batch at the next step
   and leave it when they end. This file only turns HTTP into token ids and back.
-- Requests are checked field by field before anything is queued: a bad one is a 400 in OpenAI's
-  error shape naming the field; a full queue is a 503 with Retry-After, not an ever-growing backlog.
-- Text leaves through tokenizer.StopText, so a stream never shows a stop string or half a character.
+- Requests are checked field by field before anything is queued (types, ranges, finite numbers, a
+  seed a generator takes): a bad one is a 400 in OpenAI's error shape naming the field; a full queue
+  is a 503 with Retry-After, not an ever-growing backlog.
+- Text leaves through tokenizer.StopText, so a stream's text never shows a stop string or half a
+  character (the logprobs' token fields are each token's own bytes, whole or not).
 - A chat is rendered with the checkpoint's training template when it was trained on an instruct
   dataset (each user turn an instruction, each assistant turn its response and end-of-text, as
   packed training rows look); a base model reads the messages' contents, one per line.
@@ -88,20 +90,21 @@ def field(body, name, kind, default=None):
         return default
     ok = isinstance(value, kind) and not (kind in (int, float) and isinstance(value, bool))
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        ok, value = True, float(value)
+        ok, value = abs(value) < 1e300, float(value) if abs(value) < 1e300 else value
     if not ok:
-        raise BadRequest(f"'{name}' must be {TYPE_NAMES[kind]}, got {json.dumps(value)}", name)
+        raise BadRequest(f"'{name}' must be {TYPE_NAMES[kind]}, got {json.dumps(value)[:40]}", name)
     return value
 
 
 def sampling(body, cfg, default_max_tokens):
     """The sampling settings of a request, each checked: a dict of Request's fields, and n, stops."""
-    max_tokens = field(body, "max_completion_tokens", int) or field(body, "max_tokens", int, default_max_tokens)
+    key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    max_tokens = field(body, key, int, default_max_tokens)
     if not 1 <= max_tokens <= cfg["max_tokens"]:
-        raise BadRequest(f"'max_tokens' must be between 1 and {cfg['max_tokens']}, got {max_tokens}", "max_tokens")
+        raise BadRequest(f"'{key}' must be between 1 and {cfg['max_tokens']}, got {max_tokens}", key)
     temperature = field(body, "temperature", float, 1.0)
-    if temperature < 0:
-        raise BadRequest(f"'temperature' must be >= 0 (0 is greedy), got {temperature}", "temperature")
+    if not (temperature == 0 or 0.01 <= temperature <= 100):  # tiny ones overflow the logits
+        raise BadRequest(f"'temperature' must be 0 (greedy) or between 0.01 and 100, got {temperature}", "temperature")
     top_p = field(body, "top_p", float, 1.0)
     if not 0 < top_p <= 1:
         raise BadRequest(f"'top_p' must be in (0, 1], got {top_p}", "top_p")
@@ -111,12 +114,20 @@ def sampling(body, cfg, default_max_tokens):
     n = field(body, "n", int, 1)
     if not 1 <= n <= cfg["max_n"]:
         raise BadRequest(f"'n' must be between 1 and {cfg['max_n']}, got {n}", "n")
+    seed = field(body, "seed", int)
+    if seed is not None and not 0 <= seed < 2 ** 63 - cfg["max_n"]:
+        raise BadRequest(f"'seed' must be between 0 and 2**63 - {cfg['max_n'] + 1}, got {seed}", "seed")
     stop = body.get("stop")
-    stops = [stop] if isinstance(stop, str) else stop or []
+    stops = [] if stop is None else [stop] if isinstance(stop, str) else stop
     if not isinstance(stops, list) or len(stops) > 4 or not all(isinstance(s, str) for s in stops):
         raise BadRequest("'stop' must be a string or a list of up to 4 strings", "stop")
     return dict(max_new_tokens=max_tokens, temperature=temperature, top_p=None if top_p == 1 else top_p,
-                top_k=None if top_k == -1 else top_k, seed=field(body, "seed", int)), n, stops
+                top_k=None if top_k == -1 else top_k, seed=seed), n, stops
+
+
+def not_json(constant):
+    """NaN and Infinity, which Python's json reads but JSON has not: refused."""
+    raise ValueError(f"{constant} is not JSON")
 
 
 def message_text(m, i):
@@ -125,18 +136,19 @@ def message_text(m, i):
         raise BadRequest(f"messages[{i}] must be an object with a role of system, user or assistant", "messages")
     content = m.get("content")
     if isinstance(content, list):
-        content = "".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
+        parts = [p.get("text") for p in content if isinstance(p, dict) and p.get("type") == "text"]
+        content = "".join(parts) if all(isinstance(t, str) for t in parts) else None
     if not isinstance(content, str):
         raise BadRequest(f"messages[{i}].content must be a string", "messages")
     return content
 
 
-def encode_text(tokenizer, text):
-    """Token ids of a prompt; characters a char-level vocabulary lacks are a 400."""
+def encode_text(tokenizer, text, what):
+    """Token ids of a prompt; characters a char-level vocabulary lacks are a 400 naming what."""
     try:
         return tokenizer.encode(text)
     except UserError as e:
-        raise BadRequest(str(e), "prompt") from None
+        raise BadRequest(str(e), what) from None
 
 
 class Server:
@@ -156,9 +168,12 @@ class Server:
         """The prompt of a chat as token ids (see the module docstring for the rendering)."""
         if not isinstance(messages, list) or not messages:
             raise BadRequest("'messages' must be a non-empty list of {role, content}", "messages")
-        texts = [(m["role"], message_text(m, i)) for i, m in enumerate(messages)]
+        texts = []
+        for i, m in enumerate(messages):
+            text = message_text(m, i)  # checks the role too
+            texts.append((m["role"], text))
         if not self.instruct:
-            return encode_text(self.tokenizer, "\n".join(t for _, t in texts) + "\n")
+            return encode_text(self.tokenizer, "\n".join(t for _, t in texts) + "\n", "messages")
         if texts[-1][0] != "user":
             raise BadRequest("the last message must be the user's, for the model to answer", "messages")
         from tasks import INSTRUCT_HEAD, instruct_prompt
@@ -166,9 +181,10 @@ class Server:
         ids = []
         for role, text in texts:
             if role == "user":
-                ids += encode_text(self.tokenizer, instruct_prompt(text).replace(INSTRUCT_HEAD, system or INSTRUCT_HEAD, 1))
+                prompt = instruct_prompt(text).replace(INSTRUCT_HEAD, system or INSTRUCT_HEAD, 1)
+                ids += encode_text(self.tokenizer, prompt, "messages")
             elif role == "assistant":
-                ids += encode_text(self.tokenizer, text) + [self.tokenizer.eot_token]
+                ids += encode_text(self.tokenizer, text, "messages") + [self.tokenizer.eot_token]
         return ids
 
     def prompt_ids(self, ids, body, what):
@@ -275,7 +291,7 @@ def completion_logprobs(entries, offset):
 
 
 def completion_answer(server, body):
-    """A /v1/completions request, checked and submitted: (Answer, stream, logprobs wanted)."""
+    """A /v1/completions request, checked and submitted: (Answer, stream_settings', logprobs wanted)."""
     prompt = body.get("prompt", "")
     if isinstance(prompt, list) and len(prompt) == 1:
         prompt = prompt[0]
@@ -285,37 +301,52 @@ def completion_answer(server, body):
     logprobs = field(body, "logprobs", int, None)
     if logprobs is not None and not 0 <= logprobs <= 20:
         raise BadRequest(f"'logprobs' must be between 0 and 20, got {logprobs}", "logprobs")
-    ids = server.prompt_ids(encode_text(server.tokenizer, prompt), body, "prompt")
-    stream = field(body, "stream", bool, False)
+    ids = server.prompt_ids(encode_text(server.tokenizer, prompt, "prompt"), body, "prompt")
+    stream = stream_settings(body)
     return Answer(server, ids, settings, n, stops, logprobs or 0), stream, logprobs is not None
 
 
 def chat_answer(server, body):
-    """A /v1/chat/completions request, checked and submitted: (Answer, stream, logprobs wanted)."""
+    """A /v1/chat/completions request, checked and submitted: (Answer, stream_settings', logprobs wanted)."""
     prompt = server.prompt_ids(server.chat_ids(body.get("messages")), body, "messages")
     settings, n, stops = sampling(body, server.cfg, min(server.cfg["max_tokens"], server.block_size))
     want = field(body, "logprobs", bool, False)
     top = field(body, "top_logprobs", int, 0)
     if not 0 <= top <= 20:
         raise BadRequest(f"'top_logprobs' must be between 0 and 20, got {top}", "top_logprobs")
-    stream = field(body, "stream", bool, False)
+    if top and not want:
+        raise BadRequest("'top_logprobs' needs 'logprobs': true", "top_logprobs")
+    stream = stream_settings(body)
     return Answer(server, prompt, settings, n, stops, top if want else 0), stream, want
 
 
+def stream_settings(body):
+    """(stream, include_usage): whether to answer in server-sent events, and whether to end them with
+    OpenAI's extra usage chunk (stream_options.include_usage)."""
+    options = body.get("stream_options") or {}
+    if not isinstance(options, dict):
+        raise BadRequest("'stream_options' must be an object", "stream_options")
+    return field(body, "stream", bool, False), field(options, "include_usage", bool, False)
+
+
 async def respond(server, answer, stream, chat, want_logprobs):
-    """The answer whole, or as a stream of server-sent events; everything about the request is
-    checked before it gets here."""
+    """The answer whole, or as server-sent events (stream: stream_settings'); everything about the
+    request is checked before it gets here."""
     head = {"id": ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex, "created": int(time.time()),
             "model": server.model_name}
-    if stream:
+    streaming, include_usage = stream
+    if streaming:
         from fastapi.responses import StreamingResponse
-        return StreamingResponse(events(answer, head, chat, want_logprobs), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache"})
+        return StreamingResponse(events(answer, head, chat, want_logprobs, include_usage),
+                                 media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
     texts, entries = [""] * len(answer.choices), [[] for _ in answer.choices]
-    async for index, piece, entry, _ in answer:
-        texts[index] += piece
-        if entry is not None:
-            entries[index].append(entry)
+    try:
+        async for index, piece, entry, _ in answer:
+            texts[index] += piece
+            if entry is not None:
+                entries[index].append(entry)
+    finally:  # the handler cancelled (shutdown): free the rows
+        answer.cancel()
     if any(c.reason == "error" for c in answer.choices):
         raise BadRequest("decoding failed on the server", status=500, kind="server_error")
     choices = []
@@ -331,8 +362,10 @@ async def respond(server, answer, stream, chat, want_logprobs):
             "usage": answer.usage()}
 
 
-async def events(answer, head, chat, want_logprobs):
-    """The answer as server-sent events in OpenAI's chunk format, then usage, then [DONE]."""
+async def events(answer, head, chat, want_logprobs, include_usage):
+    """The answer as server-sent events in OpenAI's chunk format: the chunk that ends the last choice
+    carries usage; with include_usage a chunk of usage alone (no choices) follows, as OpenAI sends it;
+    then [DONE]. A decoding failure is an error event instead."""
     kind = "chat.completion.chunk" if chat else "text_completion"
 
     def event(choices, **extra):
@@ -343,19 +376,24 @@ async def events(answer, head, chat, want_logprobs):
             yield event([{"index": c.index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                           "finish_reason": None} for c in answer.choices])
         async for index, piece, entry, reason in answer:
+            if reason == "error":
+                yield f"data: {json.dumps(BadRequest('decoding failed on the server', kind='server_error').body())}\n\n"
+                return
             if not piece and reason is None and not (want_logprobs and entry):
                 continue
             lp = None
             if want_logprobs and entry is not None:
                 lp = {"content": [entry]} if chat else completion_logprobs([entry], offsets[index])
             finish = FINISH[reason] if reason else None
+            extra = {"usage": answer.usage()} if reason and not answer.open else {}
             if chat:
                 delta = {"content": piece} if piece or reason is None else {}
-                yield event([{"index": index, "delta": delta, "logprobs": lp, "finish_reason": finish}])
+                yield event([{"index": index, "delta": delta, "logprobs": lp, "finish_reason": finish}], **extra)
             else:
-                yield event([{"index": index, "text": piece, "logprobs": lp, "finish_reason": finish}])
+                yield event([{"index": index, "text": piece, "logprobs": lp, "finish_reason": finish}], **extra)
             offsets[index] += len(piece)
-        yield event([], usage=answer.usage())
+        if include_usage:
+            yield event([], usage=answer.usage())
         yield "data: [DONE]\n\n"
     finally:  # the client went away, or the stream is done: free any row still decoding
         answer.cancel()
@@ -389,7 +427,7 @@ def build_app(server):
 
     async def read_body(request):
         try:
-            body = json.loads(await request.body())
+            body = json.loads(await request.body(), parse_constant=not_json)
         except (ValueError, UnicodeDecodeError):
             raise BadRequest("the request body is not valid JSON") from None
         if not isinstance(body, dict):
@@ -435,14 +473,15 @@ def serve(server, host, port, ready=None):
     sys.setswitchinterval(0.0005)  # the engine's thread gets the interpreter back soon after each torch op
     thread = threading.Thread(target=server.engine.run, name="engine", daemon=True)
     thread.start()
-    config = uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)
+    config = uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5,
+                            timeout_keep_alive=30)  # idle connections stay open longer than most clients' pauses
     http = uvicorn.Server(config)
     if ready is not None:
         ready(http)
     try:
-        http.run()
+        http.run()  # on SIGTERM uvicorn lets requests finish for 5 s, then re-raises the signal: the process ends
     finally:
-        server.engine.stop()  # what is still decoding is cancelled
+        server.engine.stop()  # stopped from a test or by Ctrl-C: what is still decoding is cancelled
         thread.join(timeout=10)
 
 
@@ -524,6 +563,9 @@ def check_settings(cfg):
     for key, low in (("port", 0), ("max_tokens", 1), ("max_n", 1), ("max_batch", 1), ("max_queue", 0)):
         if cfg[key] < low:
             raise UserError(f"{key} must be >= {low}, got {cfg[key]}")
+    if cfg["max_n"] > cfg["max_batch"] + cfg["max_queue"]:  # such a request could never be taken
+        raise UserError(f"max_n ({cfg['max_n']}) must be at most max_batch + max_queue "
+                        f"({cfg['max_batch'] + cfg['max_queue']})")
     import importlib.util
     if not all(importlib.util.find_spec(m) for m in ("fastapi", "uvicorn")):
         raise UserError("serve.py needs FastAPI and uvicorn: pip install fastapi uvicorn")

@@ -122,3 +122,16 @@ def test_a_row_that_joined_late_runs_to_its_own_context_end_past_the_first_s(mod
     drive(engine, [first, late])
     assert late.tokens == generate_batch(model, [[3]], 31, temperature=0.0)[0] and late.reasons == ["length"]
     assert first.tokens == generate_batch(model, [[1, 2]], 30, temperature=0.0)[0]
+
+
+def test_a_failed_prefill_ends_only_the_new_requests(model):
+    engine = Engine(model)
+    running = collect([1, 2], 20, temperature=0.0)
+    engine.submit(running)
+    engine.admit(wait=True)
+    engine.step()
+    bad = collect([3], 5, temperature=0.0, seed=2 ** 70)  # a seed no generator takes
+    engine.submit(bad)
+    drive(engine, [running, bad])
+    assert bad.reasons == ["error"] and running.reasons == ["length"]
+    assert running.tokens == generate_batch(model, [[1, 2]], 20, temperature=0.0)[0] and engine.outstanding == 0
