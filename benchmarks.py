@@ -146,6 +146,13 @@ def encode_pair(tokenizer, context, continuation):
     return ctx, whole[len(ctx):]
 
 
+def last_window(ctx, cont, block_size):
+    """context + continuation ids cut to the last block_size + 1 (the model reads seq[:-1], predicts
+    seq[1:]), and how many of the continuation's tokens are still predicted there: (seq, n)."""
+    seq = (ctx + cont)[-(block_size + 1):]
+    return seq, min(len(cont), len(seq) - 1)
+
+
 def choice_tokens(tokenizer, context, choices, block_size):
     """Each choice after the context as one token sequence of at most block_size + 1 (the model reads
     seq[:-1], predicts seq[1:]), and the number of the choice's tokens at its end: (seqs, lengths)."""
@@ -158,8 +165,9 @@ def choice_tokens(tokenizer, context, choices, block_size):
             ctx = [tokenizer.bos_token]
         if not cont:
             raise UserError(f"the choice {choice!r} encodes to no tokens")
-        seqs.append((ctx + cont)[-(block_size + 1):])
-        lengths.append(min(len(cont), len(seqs[-1]) - 1))
+        seq, n = last_window(ctx, cont, block_size)
+        seqs.append(seq)
+        lengths.append(n)
     return seqs, lengths
 
 
@@ -317,16 +325,11 @@ def cloze_questions(tokens, n, context_tokens, answer_tokens, seed):
 def score_cloze(model, questions, autocast=nullcontext):
     """1/0 per question: whether the true continuation has the highest summed log-probability (all
     four have the same number of tokens, so per-token and summed rankings agree)."""
-    device = next(model.parameters()).device
     correct = []
     for context, choices, label in questions:
-        x = torch.tensor([context + c[:-1] for c in choices], device=device)  # (4, T)
-        with autocast():
-            logits, _ = model(x)
-        logp = F.log_softmax(logits[:, len(context) - 1:].float(), dim=-1)  # predicts each choice's tokens
-        targets = torch.tensor(choices, device=device)
-        sums = logp.gather(-1, targets[..., None]).squeeze(-1).sum(-1)
-        correct.append(int(sums.argmax().item() == label))
+        scored = continuation_logprobs(model, [context + c for c in choices], [len(c) for c in choices], autocast)
+        sums = [lp for lp, _ in scored]
+        correct.append(int(max(range(len(sums)), key=sums.__getitem__) == label))
     return correct
 
 

@@ -92,8 +92,7 @@ class KVCache:
         n = max(self.length, other.length)
         if n > self.max_len:
             raise ValueError(f"KV cache overflow: {n} tokens > max_len {self.max_len}")
-        for kv in (self.k, self.v):
-            theirs = other.k if kv is self.k else other.v
+        for kv, theirs in ((self.k, other.k), (self.v, other.v)):
             for i, (a, b) in enumerate(zip(kv, theirs)):
                 joined = a.new_zeros((a.size(0) + b.size(0), a.size(1), self.max_len, a.size(3)))
                 joined[:a.size(0), :, n - self.length:n] = a[:, :, :self.length]

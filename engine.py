@@ -60,7 +60,6 @@ class Engine:
         self.pending = set()  # submitted and not yet ended
         self.rows, self.cache, self.logits = [], None, None  # the running batch
         self.stopping = threading.Event()
-        self.steps = 0  # forwards of the running batch, for tests and benchmarks
 
     # -- any thread ----------------------------------------------------------------------------
 
@@ -129,7 +128,6 @@ class Engine:
         """Prefill new requests in one left-padded batch and add their rows to the running one."""
         for r in new:
             r.generator = None if r.seed is None else torch.Generator(device=self.device).manual_seed(r.seed)
-            r.length = len(r.prompt)  # tokens in the row's context
         idx, pad = left_pad([r.prompt for r in new], self.device)
         cache = KVCache(self.model.config.n_layer, self.block_size, pad)
         logits, _ = self.model(idx, cache=cache)
@@ -175,7 +173,6 @@ class Engine:
                 values, ids = logp[b].topk(r.top_logprobs)
                 top = list(zip(ids.tolist(), values.tolist()))
             r.generated += 1
-            r.length += 1
             try:
                 said_stop = r.on_token(token, chosen_logp[b], top)
             except Exception:  # a callback's failure ends its own row
@@ -184,7 +181,7 @@ class Engine:
                 continue
             if said_stop:
                 self.end(r, "stop")
-            elif r.generated >= r.max_new_tokens or r.length >= self.block_size:
+            elif r.generated >= r.max_new_tokens or len(r.prompt) + r.generated >= self.block_size:
                 self.end(r, "length")
             else:
                 keep.append(b)
@@ -200,7 +197,6 @@ class Engine:
         x = torch.tensor(tokens, dtype=torch.long, device=self.device)[:, None]  # (B, 1)
         logits, _ = self.model(x, cache=self.cache)
         self.logits = logits[:, -1, :].float()
-        self.steps += 1
 
     def end(self, r, reason):
         if r.ended:

@@ -162,7 +162,6 @@ def instruct_rows(cfg, model, tokenizer, ckpt, autocast):
     batches = ExampleBatches(data_dir, cfg["split"], meta, model.config.block_size, cfg["batch_size"], device,
                              cfg["seed"])
     loss = evaluate_split(model, batches, autocast())["loss"]
-    model.eval()  # evaluate_split leaves it in training mode
     stays, _, _ = instruct_report(model, tokenizer, data_dir, meta, cfg["split"], cfg["max_new_tokens"], show=0,
                                   batch_size=cfg["batch_size"])
     name = f"instruct ({cfg['split']})"

@@ -21,9 +21,10 @@ from contextlib import nullcontext
 
 import torch
 
-from benchmarks import continuation_logprobs, encode_pair, stream_windows
+from benchmarks import continuation_logprobs, encode_pair, last_window, stream_windows
 from common import UserError, first_line
 from decoding import generate_batch
+from tokenizer import StopText
 
 try:
     from lm_eval.api.model import LM
@@ -68,8 +69,7 @@ class CheckpointLM(LM):
         out = [None] * len(pairs)
         for at in range(0, len(order), self.batch_size):
             group = order[at:at + self.batch_size]
-            seqs = [(pairs[i][0] + pairs[i][1])[-(self.block_size + 1):] for i in group]
-            lengths = [min(len(pairs[i][1]), len(s) - 1) for i, s in zip(group, seqs)]
+            seqs, lengths = zip(*(last_window(*pairs[i], self.block_size) for i in group))
             for i, result in zip(group, continuation_logprobs(self.model, seqs, lengths, self.autocast)):
                 out[i] = result
         return out
@@ -116,22 +116,18 @@ class CheckpointLM(LM):
         temperature = float(kw.get("temperature") or 0.0) if kw["do_sample"] else 0.0
         keep = self.block_size - max_new  # the context's last tokens, as hf's left truncation keeps them
         prompts = [(self.begin + self.tokenizer.encode(c))[-keep:] or [self.tokenizer.bos_token] for c in contexts]
-        texts = [[] for _ in contexts]
+        texts = [StopText(self.tokenizer, until) for _ in contexts]  # each answer cut at its first stop string
 
-        def stopped(row, token):  # sees each new token: a row ends once its text holds a stop string
-            texts[row].append(token)
-            return bool(until) and any(u in self.tokenizer.decode(texts[row]) for u in until)
+        def stopped(row, token):
+            texts[row].add(token)
+            return texts[row].done
         with self.autocast():
-            answers = generate_batch(self.model, prompts, max_new, temperature=temperature, top_k=kw.get("top_k"),
-                                     top_p=kw.get("top_p"), stop_tokens=self.tokenizer.stop_tokens, on_token=stopped,
-                                     generator=self.generator)
-        results = []
-        for ids in answers:
-            text = self.tokenizer.decode(ids)
-            for u in until:
-                text = text.split(u)[0]
-            results.append(text)
-        return results
+            generate_batch(self.model, prompts, max_new, temperature=temperature, top_k=kw.get("top_k"),
+                           top_p=kw.get("top_p"), stop_tokens=self.tokenizer.stop_tokens, on_token=stopped,
+                           generator=self.generator)
+        for t in texts:
+            t.finish()
+        return [t.text for t in texts]
 
 
 def task_manager(tasks, include=""):

@@ -215,12 +215,12 @@ class Server:
 # one answer: its choices decoding in the engine, their events arriving on the server's event loop
 
 class Choice:
-    """One of a request's n answers: its engine Request, its text (through the stop strings) and the
-    tokens' log-probabilities; events go to the answer's asyncio queue."""
+    """One of a request's n answers: its engine Request and its text (through the stop strings); each
+    token's text and log-probabilities go to the answer's asyncio queue."""
 
     def __init__(self, index, server, prompt, settings, stops, top_logprobs, events, loop):
         self.index, self.tokenizer, self.events, self.loop = index, server.tokenizer, events, loop
-        self.text, self.tokens, self.logprobs, self.reason = StopText(server.tokenizer, stops), [], [], None
+        self.text, self.reason = StopText(server.tokenizer, stops), None
         if settings["seed"] is not None:
             settings = {**settings, "seed": settings["seed"] + index}  # n choices with one seed still differ
         self.request = Request(prompt, stop_tokens=server.tokenizer.stop_tokens, top_logprobs=top_logprobs,
@@ -233,8 +233,6 @@ class Choice:
     def on_token(self, token, logprob, top):  # on the engine's thread
         piece = self.text.add(token)
         entry = {**self.token_entry(token, logprob), "top_logprobs": [self.token_entry(t, lp) for t, lp in top]}
-        self.tokens.append(token)
-        self.logprobs.append(entry)
         self.loop.call_soon_threadsafe(self.events.put_nowait, (self.index, piece, entry, None))
         return self.text.done
 
@@ -246,7 +244,7 @@ class Answer:
     """A request's n choices, submitted together; iterate for (index, text, logprob entry, finish reason)."""
 
     def __init__(self, server, prompt, settings, n, stops, top_logprobs):
-        self.server, self.prompt = server, prompt
+        self.prompt = prompt
         self.events = asyncio.Queue()
         loop = asyncio.get_running_loop()
         self.choices = [Choice(i, server, prompt, dict(settings), stops, top_logprobs, self.events, loop)
@@ -271,7 +269,7 @@ class Answer:
             c.request.cancelled = True
 
     def usage(self):
-        completion = sum(len(c.tokens) for c in self.choices)
+        completion = sum(c.request.generated for c in self.choices)
         return {"prompt_tokens": len(self.prompt), "completion_tokens": completion,
                 "total_tokens": len(self.prompt) + completion}
 

@@ -361,7 +361,8 @@ def binary_metrics(preds, labels, positive):
 @torch.no_grad()
 def evaluate_split(model, batches, autocast, positive=None, limit=None):
     """Loss over a split's examples in order (all, or the first limit): per example for classify
-    (plus the metrics), per response token for instruct."""
+    (plus the metrics), per response token for instruct. The model is left in the mode it came in."""
+    was_training = model.training
     model.eval()
     n = batches.n if limit is None else min(limit, batches.n)
     total, count, preds, labels = 0.0, 0, [], []
@@ -384,7 +385,7 @@ def evaluate_split(model, batches, autocast, positive=None, limit=None):
             k = int((y != -1).sum())
             total += loss.item() * k
             count += k
-    model.train()
+    model.train(was_training)
     out = {"loss": total / max(count, 1)}
     if batches.task == "classify":
         out.update(binary_metrics(np.concatenate(preds), np.concatenate(labels), positive))
