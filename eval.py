@@ -41,15 +41,15 @@ from common import UserError, description, read_meta, read_text_file, run_cli, w
 from configurator import parse_args
 from hf import load_for_inference
 
-TASKS = ("bpb", "cloze", "mc", "hellaswag", "instruct")
+TASKS = ("bpb", "cloze", "mc", "hellaswag", "instruct", "arithmetic")
 
 
 @dataclass
 class EvalConfig:
     out_dir: str = "out"           # folder of the checkpoint to evaluate (its ckpt.pt); eval.json goes there
     init_from: str = "resume"      # resume (out_dir/ckpt.pt) | PATH of a checkpoint file or folder, or a Hugging Face folder | gpt2*
-    tasks: str = "auto"            # comma-separated: bpb | cloze | mc (--mc_file) | hellaswag | instruct; auto: bpb,cloze (instruct for an instruct dataset)
-    split: str = "val"             # the dataset split that bpb, cloze and instruct read (train | val | test)
+    tasks: str = "auto"            # comma-separated: bpb | cloze | mc (--mc_file) | hellaswag | instruct | arithmetic; auto: bpb,cloze (instruct for an instruct dataset, bpb,arithmetic for an arithmetic one)
+    split: str = "val"             # the dataset split that bpb, cloze and instruct read (train | val | test); arithmetic: its val or test problems
     dataset: str = ""              # a prepared dataset folder; "" is the one the checkpoint was trained on
     text: str = ""                 # bpb of this text instead of a split (FILE:path reads a file)
     stride: int = 0                # sliding window: tokens newly predicted per window (0: half of block_size)
@@ -112,10 +112,12 @@ def chosen_tasks(tasks, cfg, ckpt):
     if cfg["lm_eval_tasks"]:
         return []
     try:
-        instruct = dataset_of(cfg, ckpt)[1].get("task") == "instruct"
+        meta = dataset_of(cfg, ckpt)[1]
     except UserError:  # no dataset: bpb says so, or measures --text
-        instruct = False
-    return ["instruct"] if instruct else ["bpb", "cloze"]
+        meta = {}
+    if meta.get("rl_task") in TASKS:  # a task whose answers a program checks (rewards.py)
+        return ["bpb", meta["rl_task"]]
+    return ["instruct"] if meta.get("task") == "instruct" else ["bpb", "cloze"]
 
 
 def split_tokens(cfg, ckpt, tokenizer):
@@ -171,9 +173,25 @@ def instruct_rows(cfg, model, tokenizer, ckpt, autocast):
             dict(task=name, metric="ends_eot", value=rate, stderr=se, examples=len(stays))]
 
 
+def exact_match_rows(task_name, cfg, model, tokenizer):
+    """Exact-match accuracy of greedy answers to a checked task's val or test problems (rewards.py)."""
+    from grpo import accuracy, check_alphabet
+    from rewards import make_task
+    if cfg["split"] not in ("val", "test"):
+        raise UserError(f"--tasks={task_name} scores the task's held-out problems: --split=val or --split=test")
+    task = make_task(task_name)
+    check_alphabet(tokenizer, task)
+    problems = getattr(task, cfg["split"])[:cfg["limit"] or None]
+    scores = accuracy(model, tokenizer, task, problems, max(len(a) for _, a in problems) + 1)
+    value, se = mean_and_stderr(scores)
+    return [dict(task=f"{task_name} ({cfg['split']})", metric="exact", value=value, stderr=se, examples=len(scores))]
+
+
 def run_task(task, cfg, model, tokenizer, ckpt, autocast):
     """Result lines of one task: [{"task", "metric", "value", "stderr", "examples"}]."""
     block = model.config.block_size
+    if task == "arithmetic":
+        return exact_match_rows(task, cfg, model, tokenizer)
     if task == "bpb":
         ids = text_tokens(cfg, tokenizer) if cfg["text"] else split_tokens(cfg, ckpt, tokenizer)
         nbytes = token_bytes(tokenizer, model.config.vocab_size)

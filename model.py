@@ -24,6 +24,7 @@ positions(T), attn_mask(T), layer(i), length and advance(T), which decoding.KVCa
 new token costs one position's work. GPT.generate is the plain reference decoder that re-runs the
 whole context at every step, as nanoGPT's does; the fast path is tested against it.
 """
+import contextlib
 import math
 from dataclasses import dataclass, fields
 
@@ -295,8 +296,11 @@ class LoRALinear(nn.Linear):
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as nn.Linear initialises its weight
         self.scale = alpha / rank
         self.lora_dropout = nn.Dropout(dropout)
+        self.enabled = True  # False: the base layer alone (GPT.adapters_disabled)
 
     def forward(self, x):  # x (..., in) -> (..., out)
+        if not self.enabled:
+            return F.linear(x, self.weight, self.bias)
         delta = F.linear(F.linear(self.lora_dropout(x), self.lora_A), self.lora_B)  # (..., r) -> (..., out)
         return F.linear(x, self.weight, self.bias) + self.scale * delta
 
@@ -487,6 +491,19 @@ class GPT(nn.Module):
             setattr(parent, name, LoRALinear(base, rank, alpha, dropout))
         self.config.lora_rank, self.config.lora_alpha = rank, alpha
         self.config.lora_dropout, self.config.lora_targets = dropout, targets
+
+    @contextlib.contextmanager
+    def adapters_disabled(self):
+        """Within the block, the base model: every LoRA adapter skipped (a reference policy for DPO or
+        GRPO's KL without a second copy of the weights)."""
+        layers = [m for m in self.modules() if isinstance(m, LoRALinear)]
+        for m in layers:
+            m.enabled = False
+        try:
+            yield self
+        finally:
+            for m in layers:
+                m.enabled = True
 
     def merge_lora(self):
         """Fold every adapter into its base weight (W += scale B A) and drop it: a plain model again."""

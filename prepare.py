@@ -8,6 +8,7 @@ Turn text into token binaries for train.py.
   python prepare.py --input docs.jsonl --text_field text --out data/NAME              # one document a line
   python prepare.py --input PATH --tokenizer_from data/OTHER --out data/NAME          # reuse a vocabulary
   python prepare.py openwebtext | fineweb-edu     # streamed from the Hugging Face Hub (pip install datasets)
+  python prepare.py arithmetic --problems 20000   # generated: "37+485=522" a line (rewards.py), char tokens
 
 Writes to the output folder:
   train.bin, val.bin  a flat stream of token ids (uint16 when the vocabulary fits, else uint32);
@@ -48,6 +49,7 @@ HF_DATASETS = {  # name -> (Hugging Face dataset, config), streamed with the opt
     "openwebtext": ("Skylion007/openwebtext", None),
     "fineweb-edu": ("HuggingFaceFW/fineweb-edu", "sample-10BT"),
 }
+SYNTHETIC = ("arithmetic",)  # generated here by rewards.py; val holds the task's val problems
 PIECE_BYTES = 1 << 20  # read and encode about 1 MB at a time
 BPE_MAX_CHUNKS = 1_000_000  # distinct pre-split chunks a BPE trains on (~1 KB each): bounds its memory
 MAX_CARRY = 16  # pieces of text without a safe place before one is cut anyway, to bound memory
@@ -192,6 +194,20 @@ def hf_documents(name, text_field):
         if not isinstance(row.get(text_field), str):
             raise UserError(f"{path} has no text field {text_field!r}; name it with --text_field")
         yield row[text_field]
+
+
+def hf_rows(name):
+    """Every row of a Hugging Face dataset NAME[:SPLIT] (split train by default), downloaded."""
+    path, _, split = name.partition(":")
+    if importlib.util.find_spec("datasets") is None:
+        raise UserError(f"{path} is read from the Hugging Face Hub with the datasets package: pip install datasets")
+    if not hub_reachable():
+        raise hf_error(path, OSError("huggingface.co cannot be reached"))
+    import datasets
+    try:
+        return list(datasets.load_dataset(path, split=split or "train"))
+    except Exception as e:  # offline, a missing split or dataset: all mean "cannot read"
+        raise hf_error(path, e) from None
 
 
 def hub_reachable():
@@ -518,14 +534,16 @@ def parser():
     p.add_argument("--text_field", default="text", help="the field of each .jsonl line (or dataset row) "
                                                         "that holds the text")
     p.add_argument("--workers", type=int, default=None, help="encoding threads (default: one per CPU core)")
-    p.add_argument("--task", choices=["lm", "classify", "instruct"], default="lm",
-                   help="lm: a token stream; classify: a TSV/CSV of label and text; instruct: Alpaca JSON "
-                        "(see tasks.py for the files written)")
-    p.add_argument("--test_fraction", type=float, default=0.2, help="classify/instruct: share held out for test")
-    p.add_argument("--max_length", type=int, default=0, help="classify/instruct: keep at most this many tokens "
+    p.add_argument("--task", choices=["lm", "classify", "instruct", "preference"], default="lm",
+                   help="lm: a token stream; classify: a TSV/CSV of label and text; instruct: Alpaca JSON; "
+                        "preference: JSON or JSONL of {prompt, chosen, rejected}, or a Hugging Face dataset "
+                        "NAME[:SPLIT] (online) (see tasks.py for the files written)")
+    p.add_argument("--test_fraction", type=float, default=0.2, help="classify/instruct/preference: share held out for test")
+    p.add_argument("--max_length", type=int, default=0, help="classify/instruct/preference: keep at most this many tokens "
                    "per example (0: all)")
     p.add_argument("--positive", help="classify: the positive class for precision/recall/F1 (default: the rarer)")
-    p.add_argument("--seed", type=int, default=1337, help="classify/instruct: seed of the split")
+    p.add_argument("--seed", type=int, default=1337, help="classify/instruct/preference: seed of the split")
+    p.add_argument("--problems", type=int, default=20000, help="arithmetic: training problems written to train.bin")
     return p
 
 
@@ -533,12 +551,13 @@ def check_args(args):
     """The tokenizer asked for (by name or the known corpus's), after refusing options that do not fit."""
     if args.name is None and args.input is None:
         raise UserError("name a known corpus or pass --input PATH")
-    if args.name is not None and args.name not in KNOWN and args.name not in HF_DATASETS:
-        raise UserError(f"unknown corpus {args.name!r}; known: {', '.join([*KNOWN, *HF_DATASETS])}; "
+    if args.name is not None and args.name not in (*KNOWN, *HF_DATASETS, *SYNTHETIC):
+        raise UserError(f"unknown corpus {args.name!r}; known: {', '.join([*KNOWN, *HF_DATASETS, *SYNTHETIC])}; "
                         f"for your own text use --input PATH --out data/NAME")
     if args.tokenizer_from is not None and args.tokenizer is not None:
         raise UserError("pass either --tokenizer or --tokenizer_from, not both")
-    tokenizer = args.tokenizer or (KNOWN[args.name][0] if args.name in KNOWN else "gpt2" if args.name else "char")
+    tokenizer = args.tokenizer or (KNOWN[args.name][0] if args.name in KNOWN else "char" if args.name in SYNTHETIC
+                                   else "gpt2" if args.name else "char")
     if tokenizer != "bpe" or args.tokenizer_from:
         given = [f"--{k}" for k in ("vocab_size", "bpe_train_bytes") if getattr(args, k) is not None]
         if given:
@@ -549,6 +568,11 @@ def check_args(args):
         raise UserError(f"--bpe_train_bytes must be positive, got {args.bpe_train_bytes}")
     if args.workers is not None and args.workers < 1:
         raise UserError(f"--workers must be at least 1, got {args.workers}")
+    if args.problems < 1:
+        raise UserError(f"--problems must be at least 1, got {args.problems}")
+    if args.name in SYNTHETIC and (args.input or args.tokenizer or args.tokenizer_from):
+        raise UserError(f"{args.name} is generated, with its own char tokenizer: pass no --input, --tokenizer "
+                        f"or --tokenizer_from")
     if args.task != "lm" and args.input is None:
         raise UserError(f"--task {args.task} needs --input PATH")
     return tokenizer
@@ -581,11 +605,39 @@ def main(argv):
         raise
 
 
+def prepare_synthetic(name, out_dir, problems):
+    """A generated task's language-model dataset: train.bin of `problems` training problems with their
+    answers, val.bin of the task's val problems (held out of training), one character a token."""
+    from rewards import corpus, make_task
+    task = make_task(name)
+    tok = CharTokenizer(sorted(task.alphabet))
+    texts = {"train": corpus(task, problems), "val": "".join(p + a for p, a in task.val) + task.stop}
+    dtype = token_dtype(tok.vocab_size)
+    make_folder(out_dir, "--out")
+    for split, text in texts.items():
+        path = os.path.join(out_dir, f"{split}.bin")
+        np.asarray(tok.encode(text), dtype=dtype).tofile(path + ".tmp")
+        os.replace(path + ".tmp", path)
+    meta = {"tokenizer": tok.meta(), "vocab_size": tok.vocab_size, "dtype": np.dtype(dtype).name,
+            "train_tokens": len(texts["train"]), "val_tokens": len(texts["val"]), "corpus": name,
+            "problems": problems, "rl_task": name}
+    write_meta(out_dir, meta)
+    print(f"{out_dir}: {problems:,} {name} problems ({len(texts['train']):,} train tokens), {len(task.val)} val "
+          f"problems ({len(texts['val']):,} tokens), vocab {tok.vocab_size} (char)")
+    return meta
+
+
 def prepare_from_args(args, tokenizer, out_dir):
+    if args.name in SYNTHETIC:
+        prepare_synthetic(args.name, out_dir, args.problems)
+        return
     if args.task != "lm":
         tok = dataset_tokenizer(args.tokenizer_from) if args.tokenizer_from else None
+        rows = None
+        if args.task == "preference" and not os.path.exists(args.input) and "/" in args.input.split(":")[0]:
+            rows = hf_rows(args.input)  # a dataset of the Hugging Face Hub, e.g. trl-lib/ultrafeedback_binarized
         prepare_task(args.task, args.input, tokenizer, out_dir, args.val_fraction, args.test_fraction,
-                     args.max_length, args.vocab_size or 4096, args.positive, args.seed, tok=tok)
+                     args.max_length, args.vocab_size or 4096, args.positive, args.seed, tok=tok, rows=rows)
         return
     input_path, hf_name = args.input, None
     if input_path is None and args.name in HF_DATASETS:

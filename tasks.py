@@ -1,14 +1,17 @@
 """
-Fine-tuning tasks beside plain language modelling: text classification and instruction following.
+Fine-tuning tasks beside plain language modelling: text classification, instruction following, and
+preference pairs (DPO, see dpo.py).
 
-prepare.py --task classify|instruct builds a dataset folder; train.py reads meta.json's "task" and
-batches through the classes here. File formats (no pickle anywhere):
+prepare.py --task classify|instruct|preference builds a dataset folder; train.py reads meta.json's
+"task" and batches through the classes here. File formats (no pickle anywhere):
   meta.json             task, tokenizer, vocab_size, dtype, splits (examples per split), max_length;
-                        classify: label_names (id = position), positive_class; instruct: template
+                        classify: label_names (id = position), positive_class; instruct, preference: template
   {split}.bin           the token ids of every example of the split, one after another (dtype)
   {split}.index.npz     offsets (int64, n+1: example i is tokens[offsets[i]:offsets[i+1]]) and
                         classify: labels (int64), full_lengths (int64, tokens before truncation);
-                        instruct: mask (uint8, one per token: 1 on the response and end-of-text)
+                        instruct: mask (uint8, one per token: 1 on the response and end-of-text);
+                        preference: the same mask, and pair i is sequences 2i (prompt + chosen) and
+                        2i + 1 (prompt + rejected)
 Splits are train / val / test; classification splits are stratified (each label keeps its share).
 Read with np.load(..., allow_pickle=False).
 
@@ -171,7 +174,103 @@ def make_tokenizer(kind, texts, vocab_size):
     raise UserError(f"unknown tokenizer {kind!r}; use char, gpt2 or bpe")
 
 
-def read_task(task, input_path, val_fraction, test_fraction, seed, positive=None):
+def response_text(value, where, key):
+    """A preference record's answer: a string, or a conversation (a list of {"role", "content"}, as in
+    UltraFeedback-binarized) whose last message is the answer."""
+    if isinstance(value, list) and value and all(isinstance(m, dict) for m in value):
+        value = value[-1].get("content")
+    if not isinstance(value, str):
+        raise UserError(f"{where}: \"{key}\" must be a string or a list of messages")
+    if not value.strip():
+        raise UserError(f"{where}: \"{key}\" is empty; every pair needs a chosen and a rejected answer")
+    return value
+
+
+def prompt_text(record, where):
+    """A preference record's instruction: "prompt" (a string, or messages: the last user message), else
+    Alpaca's "instruction" and "input", else the user message before the answer in a "chosen" conversation."""
+    prompt = record.get("prompt")
+    if prompt is None and "instruction" in record:
+        if not isinstance(record["instruction"], str) or not isinstance(record.get("input") or "", str):
+            raise UserError(f"{where}: \"instruction\" and \"input\" must be strings")
+        return record["instruction"], record.get("input") or ""
+    if prompt is None and isinstance(record.get("chosen"), list):
+        prompt = record["chosen"][:-1]
+    if isinstance(prompt, list):
+        users = [m.get("content") for m in prompt if isinstance(m, dict) and m.get("role") == "user"]
+        prompt = users[-1] if users else None
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise UserError(f"{where} needs a non-empty \"prompt\" (or \"instruction\"), \"chosen\" and \"rejected\"")
+    return prompt, ""
+
+
+def read_records(path):
+    """The records of a JSON list or a JSONL file (one object a line)."""
+    if not os.path.isfile(path):
+        raise UserError(f"input {path} not found; pass a JSON or JSONL file of preference pairs")
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except UnicodeDecodeError:
+        raise UserError(f"{path} is not UTF-8 text") from None
+    try:
+        data = json.loads(text)
+    except ValueError:
+        data = []
+        for i, line in enumerate(text.splitlines()):
+            if line.strip():
+                try:
+                    data.append(json.loads(line))
+                except ValueError:
+                    raise UserError(f"{path} line {i + 1} is not JSON (a JSON list, or one object a line)") from None
+    if isinstance(data, dict):
+        data = [data]
+    if not isinstance(data, list) or not data:
+        raise UserError(f"{path} must hold a non-empty JSON list of records, or JSONL")
+    return data
+
+
+def read_preference(records, where):
+    """[(instruction, input, chosen, rejected, split or None)] of preference records: {"prompt", "chosen",
+    "rejected"} or Alpaca's {"instruction", "input", "chosen", "rejected"}, with an optional "split"
+    (train | val | test, as make_pairs writes). Pairs whose two answers are equal teach nothing: dropped."""
+    pairs, same = [], 0
+    for i, r in enumerate(records):
+        at = f"{where} record {i}"
+        if not isinstance(r, dict):
+            raise UserError(f"{at} is not a JSON object")
+        for key in ("chosen", "rejected"):
+            if key not in r:
+                raise UserError(f"{at} has no \"{key}\"; a pair needs \"prompt\" (or \"instruction\"), "
+                                f"\"chosen\" and \"rejected\"")
+        chosen, rejected = response_text(r["chosen"], at, "chosen"), response_text(r["rejected"], at, "rejected")
+        instruction, input_text = prompt_text(r, at)
+        split = r.get("split")
+        if split is not None and split not in ("train", "val", "test"):
+            raise UserError(f"{at}: \"split\" must be train, val or test, got {split!r}")
+        if chosen.strip() == rejected.strip():
+            same += 1
+            continue
+        pairs.append((instruction, input_text, chosen, rejected, split))
+    if not pairs:
+        raise UserError(f"{where} holds no pair whose chosen and rejected answers differ")
+    if same:
+        print(f"note: dropped {same} pair(s) of {where} whose chosen and rejected answers are the same")
+    return pairs
+
+
+def given_splits(labels):
+    """The records' own split labels as read_task's splits, when every record has one."""
+    if any(s is None for s in labels):
+        return None
+    out = {k: [i for i, s in enumerate(labels) if s == k] for k in ("train", "val", "test")}
+    for split, idx in out.items():
+        if not idx:
+            raise UserError(f"the records' \"split\" fields leave the {split} split empty")
+    return out
+
+
+def read_task(task, input_path, val_fraction, test_fraction, seed, positive=None, rows=None):
     """The examples of a classify or instruct input and their split: {"texts", "splits"} and, to
     classify, "labels" (ids), "names", "counts", "positive"; for instructions, "prompts", "responses"."""
     if task == "classify":
@@ -193,7 +292,21 @@ def read_task(task, input_path, val_fraction, test_fraction, seed, positive=None
         responses = [out for _, _, out in records]
         return {"texts": [p + r for p, r in zip(prompts, responses)], "prompts": prompts, "responses": responses,
                 "splits": split_indices(len(records), val_fraction, test_fraction, seed)}
-    raise UserError(f"unknown task {task!r}; use classify or instruct")
+    if task == "preference":  # rows: records read elsewhere (a Hugging Face dataset)
+        pairs = read_preference(read_records(input_path) if rows is None else rows, input_path)
+        prompts = [instruct_prompt(ins, inp) for ins, inp, *_ in pairs]
+        splits = given_splits([p[4] for p in pairs]) or split_indices(len(pairs), val_fraction, test_fraction, seed)
+        return {"texts": [p + c for p, (*_, c, _, _) in zip(prompts, pairs)], "prompts": prompts,
+                "chosen": [p[2] for p in pairs], "rejected": [p[3] for p in pairs], "splits": splits}
+    raise UserError(f"unknown task {task!r}; use classify, instruct or preference")
+
+
+def response_example(prompt, response, max_length):
+    """prompt + response ids and the mask of the response, cut to max_length: (ids, mask, whether cut)."""
+    s, m = prompt + response, [0] * len(prompt) + [1] * len(response)
+    if max_length and len(s) > max_length:
+        return s[:max_length], m[:max_length], True
+    return s, m, False
 
 
 def encode_split(task, data, idx, tok, max_length):
@@ -205,31 +318,35 @@ def encode_split(task, data, idx, tok, max_length):
                       full_lengths=np.array([len(f) for f in full], np.int64))
         return seqs, arrays, sum(len(s) < len(f) for s, f in zip(seqs, full))
     seqs, masks, truncated = [], [], 0
-    for i in idx:
+    answers = [data["responses"]] if task == "instruct" else [data["chosen"], data["rejected"]]
+    for i in idx:  # a preference pair is two sequences in a row: prompt + chosen, prompt + rejected
         p = tok.encode(data["prompts"][i])
-        r = tok.encode(data["responses"][i]) + [tok.eot_token]
-        s, m = p + r, [0] * len(p) + [1] * len(r)
-        if max_length and len(s) > max_length:
-            s, m, truncated = s[:max_length], m[:max_length], truncated + 1
-        seqs.append(s)
-        masks.append(m)
+        for texts in answers:
+            s, m, cut = response_example(p, tok.encode(texts[i]) + [tok.eot_token], max_length)
+            if 1 not in m:
+                raise UserError(f"example {i}'s prompt alone fills max_length {max_length}: nothing of its answer "
+                                f"would be trained on; raise --max_length")
+            seqs.append(s)
+            masks.append(m)
+            truncated += cut
     return seqs, dict(mask=np.concatenate([np.asarray(m, np.uint8) for m in masks])), truncated
 
 
 def prepare_task(task, input_path, tokenizer, out_dir, val_fraction=0.1, test_fraction=0.2, max_length=0,
-                 vocab_size=2048, positive=None, seed=1337, tok=None):
-    """Build a classify or instruct dataset folder (see the module docstring); returns meta and the tokenizer.
-    tok: an already built tokenizer to use instead of making one (e.g. another dataset's)."""
+                 vocab_size=2048, positive=None, seed=1337, tok=None, rows=None):
+    """Build a classify, instruct or preference dataset folder (see the module docstring); returns meta and
+    the tokenizer. tok: an already built tokenizer to use instead of making one (e.g. another dataset's);
+    rows: preference records already read (input_path then only names them)."""
     if max_length < 0:
         raise UserError(f"max_length must be >= 0 (0: no truncation), got {max_length}")
-    data = read_task(task, input_path, val_fraction, test_fraction, seed, positive)
+    data = read_task(task, input_path, val_fraction, test_fraction, seed, positive, rows)
     texts, splits = data["texts"], data["splits"]
     if tok is None:
         # a BPE learns from train only; a char alphabet must cover every split to encode it at all
         tok = make_tokenizer(tokenizer, texts if tokenizer == "char" else [texts[i] for i in splits["train"]],
                              vocab_size)
-    if task == "instruct" and tok.eot_token is None:
-        raise UserError("instruction data needs a tokenizer with an end-of-text token: gpt2 or bpe")
+    if task != "classify" and tok.eot_token is None:
+        raise UserError(f"{task} data needs a tokenizer with an end-of-text token: gpt2 or bpe")
     dtype = token_dtype(tok.vocab_size)
     make_folder(out_dir, "--out")
     renames, sizes, truncated = [], {}, 0
@@ -243,10 +360,12 @@ def prepare_task(task, input_path, tokenizer, out_dir, val_fraction=0.1, test_fr
             path = os.path.join(out_dir, tok.meta()["file"])
             save_bpe(path + ".tmp", tok.bpe)
             renames.append((path + ".tmp", path))
-    except OSError as e:
+    except BaseException as e:
         for name in os.listdir(out_dir):  # this run's temporary files, renamed only when all are written
             if name.endswith(".tmp"):
                 os.remove(os.path.join(out_dir, name))
+        if not isinstance(e, OSError):
+            raise
         raise UserError(f"cannot write the dataset into {out_dir} ({e.strerror or first_line(e)}); pass an "
                         f"--out you can write to") from None
     meta = {"task": task, "tokenizer": tok.meta(), "vocab_size": tok.vocab_size, "dtype": np.dtype(dtype).name,
@@ -280,6 +399,8 @@ class ExampleBatches:
     instruct: get() -> (x (B, T), y (B, T)), y = the next token where the mask is 1, else -1, so
       the prompt and the padding add nothing to the loss. With pack, each row holds several whole
       examples back to back (attention then also sees the earlier examples of the row).
+    preference: get() -> (x (2B, T), y (2B, T)) as for instruct, the B chosen sequences of the drawn
+      pairs first, then their B rejected ones.
     Like train.py's Batches, a seeded torch.Generator draws the examples.
     """
 
@@ -287,7 +408,7 @@ class ExampleBatches:
         self.task, self.block_size, self.batch_size, self.device = meta["task"], block_size, batch_size, device
         self.tokens, arrays = read_examples(data_dir, split, meta["dtype"])
         self.offsets = arrays["offsets"]
-        self.n = len(self.offsets) - 1
+        self.n = (len(self.offsets) - 1) // (2 if self.task == "preference" else 1)  # examples (pairs)
         self.labels = arrays.get("labels")
         self.mask = arrays.get("mask")
         self.pack = pack
@@ -310,6 +431,8 @@ class ExampleBatches:
 
     def rows(self, ids):
         """The examples of one micro-batch: [(tokens, mask)], packed into rows when pack is on."""
+        if self.task == "preference":
+            return [self.example(2 * i) for i in ids] + [self.example(2 * i + 1) for i in ids]
         if not self.pack:
             return [self.example(i) for i in ids]
         rows, used = [], 0

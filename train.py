@@ -26,6 +26,7 @@ actually trained, the task's labels) is in Run.facts and saved beside them. Opti
 learning-rate schedule are in optim.py, devices and processes in runtime.py, the checkpoint format
 in checkpoint.py.
 """
+import contextlib
 import functools
 import json
 import math
@@ -46,8 +47,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import runtime
 from benchmarks import (TRAIN_TASKS, benchmark_questions, benchmark_scores, bits_per_byte, check_task_names,
                         nats_and_bytes, token_bytes, totals_on)
-from checkpoint import (describe_tokenizer, load_sharded, lora_state_dict, resume_changes, rng_state, save_adapters,
-                        save_checkpoint, save_sharded, set_rng_state)
+from checkpoint import (describe_tokenizer, load_sharded, lora_state_dict, model_from_checkpoint, resume_changes,
+                        rng_state, save_adapters, save_checkpoint, save_sharded, set_rng_state)
 from common import UserError, description, first_line, hold_folder, read_meta, run_cli
 from configurator import parse_args
 from decoding import generate_batch
@@ -116,6 +117,21 @@ class TrainConfig:
     class_weights: bool = False           # classify: weight the loss of each class by its inverse frequency
     balanced: bool = False                # classify: draw training examples so that every class is equally likely
     pack: bool = False                    # instruct: pack several whole examples into each row of block_size tokens
+    # preference tuning (DPO) on datasets of prepare.py --task preference; see dpo.py
+    dpo_beta: float = 0.1                 # beta: the reward's scale; higher keeps the policy closer to the reference
+    dpo_loss: str = "sigmoid"             # sigmoid (DPO; with label smoothing, conservative DPO) | robust (Robust DPO)
+    dpo_label_smoothing: float = 0.0      # the share of pairs taken to be mislabelled
+    rpo_alpha: float = 0.0                # weight of the chosen answers' cross-entropy added to the DPO loss (RPO)
+    dpo_reference: str = ""               # the reference checkpoint; "": init_from (trainable=lora: the model, adapters off)
+    # reinforcement learning with verifiable rewards (GRPO); see grpo.py and rewards.py
+    rl_task: str = ""                     # arithmetic: train by GRPO on this task's rewards (the dataset gives the tokenizer)
+    grpo_group: int = 8                   # completions sampled per prompt (batch_size prompts per micro-batch)
+    grpo_clip: float = 0.2                # epsilon of the clipped probability ratio
+    grpo_updates: int = 1                 # optimizer steps on each batch of completions (mu); above 1 the clip bites
+    kl_beta: float = 0.0                  # weight of KL(policy || starting checkpoint); 0 holds no reference
+    rl_temperature: float = 1.0           # temperature the completions are sampled at
+    rl_max_new_tokens: int = 8            # the longest completion, in tokens
+    rl_format_reward: float = 0.0         # added to the reward of a well-formed completion
 
 
 ARCH_KEYS = [k for k in GPTConfig.keys() if k not in ("attn_impl",)]
@@ -237,7 +253,8 @@ RANGES = [("batch_size", 1, False), ("gradient_accumulation_steps", 1, False), (
           ("learning_rate", 0, True), ("min_lr", 0, False), ("warmup_iters", 0, False), ("lr_decay_iters", 0, False),
           ("warmdown_iters", 0, False), ("weight_decay", 0, False), ("grad_clip", 0, False), ("bench", 0, False),
           ("label_smoothing", 0, False), ("dropout", 0, False), ("muon_lr", 0, True), ("keep_checkpoints", 0, False),
-          ("eval_examples", 1, False)]
+          ("eval_examples", 1, False), ("grpo_group", 1, False), ("grpo_clip", 0, True), ("grpo_updates", 1, False),
+          ("kl_beta", 0, False), ("rl_temperature", 0, True), ("rl_max_new_tokens", 1, False)]
 CHOICES = {"nan_policy": ("stop", "skip"), "parallel": ("ddp", "fsdp"), "optimizer": ("adamw", "muon"),
            "lr_schedule": ("cosine", "wsd"), "trainable": ("all", "last_blocks", "lora")}
 
@@ -292,14 +309,31 @@ def task_facts(cfg, meta, world):
     """What the dataset's task adds to the run (nothing for language modelling): its name and, to
     classify, the classes. Refuses settings the task cannot take."""
     task = meta.get("task", "lm")
+    if task == "lm" and cfg["rl_task"]:
+        task = "grpo"
+    elif cfg["rl_task"]:
+        raise UserError(f"rl_task takes its tokenizer from a language-model dataset, not a {task} one; e.g. "
+                        f"python prepare.py {cfg['rl_task']} and --dataset={cfg['rl_task']}")
     if task == "lm":
         return {}
-    if task not in ("classify", "instruct"):
+    if task not in ("classify", "instruct", "preference", "grpo"):
         raise UserError(f"dataset {cfg['dataset']!r} has unknown task {task!r}; re-run prepare.py")
     if world > 1 or cfg["parallel"] == "fsdp":
-        raise UserError(f"{task} datasets train in one process; run train.py without torchrun and parallel=fsdp")
+        what = "rl_task runs" if task == "grpo" else f"{task} datasets train"
+        raise UserError(f"{what} in one process; run train.py without torchrun and parallel=fsdp")
     if cfg["pack"] and task != "instruct":
         raise UserError("pack=True applies to instruct datasets only")
+    if task in ("preference", "grpo") and cfg["init_from"] == "scratch":
+        raise UserError(f"{'DPO' if task == 'preference' else 'GRPO'} starts from a trained model (its reference): "
+                        f"set init_from to a checkpoint")
+    if task == "preference":
+        from dpo import check_settings
+        check_settings(cfg)
+        return {"task": task}
+    if task == "grpo":
+        from rewards import make_task
+        make_task(cfg["rl_task"])  # a known task, or one line
+        return {"task": task, "rl_task": cfg["rl_task"]}
     if cfg["cls_lm_weight"] < 0:
         raise UserError(f"cls_lm_weight must be >= 0, got {cfg['cls_lm_weight']}")
     if task == "instruct":
@@ -434,6 +468,8 @@ class Run:
             runtime.shard_model(self.raw_model, self.rt, cfg["compile"])
         else:
             self.raw_model.to(self.rt.device)
+        if self.reference is not None and self.reference.model is not None:
+            self.reference.model.to(self.rt.device)
         self.optimizer = make_optimizer(self.raw_model, cfg, self.rt.device_type)
         self.scaler = torch.amp.GradScaler(self.rt.device_type, enabled=self.rt.dtype == "float16")
         self.iter_num, self.best_val_loss, self.skipped, self.resumed_evaluated = 0, float("inf"), 0, True
@@ -459,13 +495,42 @@ class Run:
         self.changed = resume_changes(cfg, explicit, ckpt, self.meta) if self.resuming else []
         if ckpt is not None and not self.resuming:
             check_same_vocabulary(ckpt, self.meta, cfg["dataset"])
+        had_adapters = bool(model.config.lora_rank)
         self.trainable_line = adapt_model(model, cfg, self.task, n_classes)
         self.facts.update({k: getattr(model.config, k) for k in ARCH_KEYS})  # the architecture actually trained
         if model.config.lora_rank:  # the checkpoint the adapters apply to, kept through resumes
             base = ckpt.get("config", {}).get("lora_base", "") if self.resuming else cfg["init_from"]
             self.facts["lora_base"] = "" if base == "scratch" else base
         self.raw_model = model
+        self.reference = self.open_reference(ckpt, had_adapters)
         return ckpt
+
+    def open_reference(self, ckpt, had_adapters):
+        """DPO's reference policy (GRPO's too, with kl_beta), recorded in facts as "adapters" (the policy
+        with its LoRA adapters off) or the checkpoint it was loaded from, which a resume loads again."""
+        cfg = self.cfg
+        if self.task not in ("preference", "grpo") or (self.task == "grpo" and not cfg["kl_beta"]):
+            return None
+        from dpo import Reference
+        if self.resuming:
+            source = ckpt.get("config", {}).get("reference")
+            if not source:
+                raise UserError("the checkpoint names no reference policy; start the run again from its init_from")
+        elif cfg["trainable"] == "lora" and not had_adapters and not cfg["dpo_reference"]:
+            source = "adapters"  # adapters added by this run: switched off, the model is its starting point
+        else:
+            given = cfg["dpo_reference"] or cfg["init_from"]
+            source = os.path.abspath(given) if os.path.exists(given) else given
+        self.facts["reference"] = source
+        if source == "adapters":
+            return Reference(self.raw_model)
+        ref = ckpt if not self.resuming and not cfg["dpo_reference"] else load_source(source)
+        if ref.get("tokenizer") and ref["tokenizer"] != self.meta["tokenizer"] or \
+                ref["model_config"]["vocab_size"] != self.meta["vocab_size"]:
+            raise UserError(f"the reference checkpoint {source} has another tokenizer than dataset {cfg['dataset']!r} "
+                            f"({describe_tokenizer(ref.get('tokenizer') or {})}); use a reference trained on the "
+                            f"dataset's tokenizer")
+        return Reference(self.raw_model, model_from_checkpoint(ref))
 
     def open_data(self):
         cfg, block_size = self.cfg, self.raw_model.config.block_size
@@ -473,6 +538,9 @@ class Run:
         self.tokens_per_iter = cfg["gradient_accumulation_steps"] * cfg["batch_size"] * block_size
         torch.manual_seed(cfg["seed"] + self.rt.rank)  # dropout differs per process; batches don't (see Batches)
         self.class_weight = self.token_bytes = None
+        if self.task == "grpo":
+            self.open_rollouts()
+            return
         if self.task == "lm":
             self.splits = {s: Batches(os.path.join(self.data_dir, f"{s}.bin"), self.meta["dtype"], block_size,
                                       cfg["batch_size"], self.rt.device, cfg["seed"] + (0 if s == "train" else 1))
@@ -489,6 +557,22 @@ class Run:
             self.class_weight = torch.tensor(counts.sum() / (len(counts) * counts), dtype=torch.float32,
                                              device=self.rt.device)
 
+    def open_rollouts(self):
+        """GRPO's source of batches, and the fixed training problems whose accuracy is train's error."""
+        from grpo import Rollouts, check_alphabet
+        from rewards import make_task
+        from tokenizer import dataset_tokenizer
+        cfg = self.cfg
+        self.rl_task, self.tokenizer = make_task(cfg["rl_task"]), dataset_tokenizer(self.data_dir)
+        check_alphabet(self.tokenizer, self.rl_task)
+        longest = max(len(self.tokenizer.encode(p)) for p, _ in self.rl_task.val + self.rl_task.test)
+        if longest + cfg["rl_max_new_tokens"] > self.raw_model.config.block_size:
+            raise UserError(f"prompts of up to {longest} tokens and rl_max_new_tokens={cfg['rl_max_new_tokens']} do "
+                            f"not fit block_size {self.raw_model.config.block_size}; lower rl_max_new_tokens")
+        self.splits = {"train": Rollouts(self.rl_task, self.tokenizer, self.raw_model, self.reference, cfg,
+                                         self.rt.device, cfg["seed"], self.rt.autocast())}
+        self.train_problems = self.rl_task.sample(torch.Generator().manual_seed(cfg["seed"] + 3), cfg["eval_examples"])
+
     def restore(self, ckpt):
         """Continue where the checkpoint left off: optimizer, counters, batch sampler, scaler, random states."""
         if self.sharded:
@@ -502,6 +586,8 @@ class Run:
         self.iter_num, self.best_val_loss = ckpt["iter_num"], ckpt["best_val_loss"]
         if "train_generator" in ckpt:
             self.splits["train"].generator.set_state(ckpt["train_generator"])
+        if "rollouts" in ckpt:
+            self.splits["train"].load_state_dict(ckpt["rollouts"])
         if self.scaler.is_enabled() and ckpt.get("scaler"):
             self.scaler.load_state_dict(ckpt["scaler"])
         rng = ckpt.get("rng")
@@ -703,18 +789,50 @@ class Run:
 
     def evaluate_task(self):
         """Loss on the first eval_iters batches of train and on all of val, plus val/acc, val/precision,
-        val/recall, val/f1 (of the positive class) for classify."""
+        val/recall, val/f1 (of the positive class) for classify; DPO's and GRPO's figures for theirs."""
         from tasks import evaluate_split
         cfg, positive = self.cfg, self.facts.get("positive_id")
+        if self.task == "preference":
+            from dpo import evaluate_pairs
+            train, val = (evaluate_pairs(self.raw_model, self.reference, self.splits[s], cfg, self.rt.autocast(),
+                                         limit=cfg["eval_iters"] * cfg["batch_size"] if s == "train" else None)
+                          for s in ("train", "val"))
+            return {"train": train["loss"], "val": val["loss"], **{f"{s}/{k}": v for s, r in (("train", train),
+                    ("val", val)) for k, v in r.items() if k != "loss"}}
+        if self.task == "grpo":
+            task = self.rl_task
+            train, val = (float(np.mean(self.rl_accuracy(p))) for p in (self.train_problems,
+                                                                         task.val[:cfg["eval_examples"]]))
+            return {"train": 1 - train, "val": 1 - val, f"{task.name}/acc": val}
         train = evaluate_split(self.raw_model, self.splits["train"], self.rt.autocast(), positive,
                                limit=cfg["eval_iters"] * cfg["batch_size"])
         val = evaluate_split(self.raw_model, self.splits["val"], self.rt.autocast(), positive)
         return {"train": train["loss"], "val": val["loss"], **{f"val/{k}": v for k, v in val.items() if k != "loss"},
                 **self.evaluate_benchmarks()}
 
+    def rl_accuracy(self, problems):
+        from grpo import accuracy
+        return accuracy(self.raw_model, self.tokenizer, self.rl_task, problems, self.cfg["rl_max_new_tokens"])
+
+    def test_metrics(self):
+        """The final model on the test split (the task's test problems for GRPO)."""
+        if self.task == "grpo":
+            return {"acc": float(np.mean(self.rl_accuracy(self.rl_task.test)))}
+        if self.task == "preference":
+            from dpo import evaluate_pairs
+            return evaluate_pairs(self.raw_model, self.reference, self.splits["test"], self.cfg, self.rt.autocast())
+        from tasks import evaluate_split
+        return evaluate_split(self.raw_model, self.splits["test"], self.rt.autocast(), self.facts.get("positive_id"))
+
     def loss(self, batch):
-        """The training loss of one micro-batch: (x, y) for lm and instruct, (x, lengths, labels) to classify."""
+        """The training loss of one micro-batch: (x, y) for lm and instruct, (x, lengths, labels) to classify,
+        pairs for DPO (dpo.py), rollouts for GRPO (grpo.py)."""
         cfg = self.cfg
+        if self.task == "preference":
+            from dpo import pair_loss
+            return pair_loss(self.model, self.reference, batch, cfg, contextlib.nullcontext())[0]
+        if self.task == "grpo":
+            return self.splits["train"].loss(batch)[0]
         if self.task == "classify":
             return self.raw_model.classify(*batch, lm_weight=cfg["cls_lm_weight"], label_smoothing=cfg["label_smoothing"],
                                            class_weight=self.class_weight)[1]
@@ -781,6 +899,8 @@ class Run:
                  "evaluated": evaluated, "dataset_dir": os.path.abspath(self.data_dir),
                  "tokenizer": self.meta["tokenizer"], "train_generator": self.splits["train"].generator.get_state(),
                  "rng": rt.gather(rng_state(rt.device)), "world_size": rt.world}
+        if self.task == "grpo":
+            state["rollouts"] = self.splits["train"].state_dict()
         if self.sharded:
             return save_sharded(self.raw_model, self.optimizer, state, cfg["out_dir"], cfg["keep_checkpoints"], rt)
         if rt.master:
@@ -802,7 +922,8 @@ class Run:
         cfg, rt = self.cfg, self.rt
         if rt.master:
             extra = {k: v for k, v in losses.items() if "/" in k}  # a task's val metrics
-            print(f"step {self.iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}"
+            what = "error" if self.task == "grpo" else "loss"  # GRPO: 1 - exact-match accuracy (grpo.py)
+            print(f"step {self.iter_num}: train {what} {losses['train']:.4f}, val {what} {losses['val']:.4f}"
                   + "".join(f", {k} {v:.4f}" for k, v in extra.items()))
             self.log({"iter": self.iter_num, "tokens": self.iter_num * self.tokens_per_iter,
                       "train/loss": losses["train"], "val/loss": losses["val"], **extra,
@@ -826,10 +947,12 @@ class Run:
         peak = self.cfg["peak_flops"] or runtime.peak_flops_of(self.rt.device)
         mfu = self.raw_model.estimate_mfu(self.tokens_per_iter, dt, peak) if peak else None
         mfu_text = f", mfu {mfu * 100:.1f}%" if mfu is not None else ""
-        print(f"iter {self.iter_num}: loss {loss:.4f}, lr {lr:.2e}, {dt * 1000:.1f} ms/iter, "
-              f"{tok_s:,.0f} tok/s{mfu_text}, eta {eta / 60:.1f} min")
+        rollouts = self.splits["train"].stats if self.task == "grpo" else {}  # the last step's samples
+        print(f"iter {self.iter_num}: loss {loss:.4f}" + "".join(f", {k} {v:.3f}" for k, v in rollouts.items()) +
+              f", lr {lr:.2e}, {dt * 1000:.1f} ms/iter, {tok_s:,.0f} tok/s{mfu_text}, eta {eta / 60:.1f} min")
         self.log({"iter": self.iter_num, "tokens": self.iter_num * self.tokens_per_iter, "loss": loss, "lr": lr,
-                  "ms_per_iter": dt * 1000, "tokens_per_s": tok_s, "mfu": mfu})
+                  "ms_per_iter": dt * 1000, "tokens_per_s": tok_s, "mfu": mfu,
+                  **{f"rollout/{k}": v for k, v in rollouts.items()}})
 
     def stop_and_save(self, signal_name):
         """After SIGTERM/SIGINT: checkpoint the finished step and say how to go on."""
@@ -850,8 +973,7 @@ class Run:
     def finish(self):
         """The final model's test metrics (tasks), and the logs closed."""
         if self.task != "lm" and self.rt.master and not self.cfg["eval_only"]:
-            from tasks import evaluate_split
-            result = evaluate_split(self.raw_model, self.splits["test"], self.rt.autocast(), self.facts.get("positive_id"))
+            result = self.test_metrics()
             record = {"iter": self.iter_num, **{f"test/{k}": v for k, v in result.items()}}
             print("test (final model): " + ", ".join(f"{k[5:]} {v:.4f}" for k, v in record.items() if k != "iter"))
             self.log(record)

@@ -233,3 +233,27 @@ def instruct_run(tmp_path_factory):
     run_main("train.py", *args, "--dataset=alp", "--block_size=96", "--out_dir=out", "--max_iters=60",
              "--eval_interval=30", "--pack=True", cwd=folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def pairs_run(tmp_path_factory, instruct_run):
+    """instruct_run's folder and model, plus data/pairs.jsonl (the data's answers chosen, the model's own
+    rejected; dpo.py) and data/pairs, its preference dataset. Shared: copy it before changing it."""
+    folder = copy_run(instruct_run, tmp_path_factory.mktemp("pairs"))
+    run_main("dpo.py", "--init_from=out", "--input=a.json", "--dataset=data/alp", "--out=data/pairs.jsonl",
+             "--max_new_tokens=24", "--device=cpu", cwd=folder)
+    run_main("prepare.py", "--task", "preference", "--input", "data/pairs.jsonl", "--tokenizer_from", "data/alp",
+             "--out", "data/pairs", cwd=folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def arith_run(tmp_path_factory):
+    """A folder with data/arithmetic (prepare.py arithmetic, 3,000 problems) and out/, a tiny model
+    trained 40 iterations on it. Shared: copy it before changing it."""
+    folder = tmp_path_factory.mktemp("arith")
+    run_main("prepare.py", "arithmetic", "--problems", "3000", cwd=folder)
+    args = [a for a in TINY_MODEL if not a.startswith("--dataset")]
+    run_main("train.py", *args, "--dataset=arithmetic", "--out_dir=out", "--max_iters=40", "--eval_interval=40",
+             cwd=folder)
+    return folder

@@ -1,0 +1,27 @@
+# A small model that has begun to learn addition ("37+485=522", operands of 1-3 digits; rewards.py),
+# the starting point of config/grpo_arithmetic.py. Short on purpose: it stops part-way, where
+# reinforcement learning has something left to fix.
+#   python prepare.py arithmetic --problems 20000
+#   OMP_NUM_THREADS=1 python train.py config/pretrain_arithmetic.py
+#   python eval.py --out_dir=out-arith --tasks=arithmetic --split=test      # exact match, 1,000 problems
+out_dir = "out-arith"
+dataset = "arithmetic"
+eval_interval = 100
+eval_iters = 20
+log_interval = 50
+
+batch_size = 32
+block_size = 32
+n_layer = 3
+n_head = 4
+n_embd = 128
+dropout = 0.0
+bias = False
+
+learning_rate = 2e-3
+max_iters = 1000
+warmup_iters = 50
+min_lr = 2e-4
+beta2 = 0.99
+device = "cpu"
+dtype = "float32"
