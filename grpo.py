@@ -84,14 +84,14 @@ def check_alphabet(tokenizer, task):
 
 
 @torch.no_grad()
-def complete(model, tokenizer, task, prompts, max_new_tokens, temperature=0.0, generator=None):
-    """The model's completions of prompts (texts): [(token ids, with the stop when it came)]."""
-    stop = stop_token(tokenizer, task)
+def complete(model, prompts, stop, max_new_tokens, temperature=0.0, generator=None):
+    """The model's completions of prompts (token ids) up to the stop token: [token ids, with the stop
+    when it came]."""
     was_training = model.training
     model.eval()
     try:
-        out = generate_batch(model, [tokenizer.encode(p) for p in prompts], max_new_tokens, temperature=temperature,
-                             stop_tokens=[stop], generator=generator)
+        out = generate_batch(model, prompts, max_new_tokens, temperature=temperature, stop_tokens=[stop],
+                             generator=generator)
     finally:
         model.train(was_training)
     return [ids + [stop] if len(ids) < max_new_tokens else ids for ids in out]
@@ -99,17 +99,16 @@ def complete(model, tokenizer, task, prompts, max_new_tokens, temperature=0.0, g
 
 def accuracy(model, tokenizer, task, problems, max_new_tokens, batch_size=256):
     """Exact-match scores (1 or 0 per problem) of greedy answers to [(prompt, answer)]."""
-    scores = []
+    stop, scores = stop_token(tokenizer, task), []
     for start in range(0, len(problems), batch_size):
         chunk = problems[start:start + batch_size]
-        done = complete(model, tokenizer, task, [p for p, _ in chunk], max_new_tokens)
-        scores += [task.reward(tokenizer.decode(strip_stop(ids, tokenizer, task)), a) for ids, (_, a) in
-                   zip(done, chunk)]
+        done = complete(model, [tokenizer.encode(p) for p, _ in chunk], stop, max_new_tokens)
+        scores += [task.reward(tokenizer.decode(strip_stop(ids, stop)), a) for ids, (_, a) in zip(done, chunk)]
     return scores
 
 
-def strip_stop(ids, tokenizer, task):
-    return ids[:-1] if ids and ids[-1] == stop_token(tokenizer, task) else ids
+def strip_stop(ids, stop):
+    return ids[:-1] if ids and ids[-1] == stop else ids
 
 
 class Rollouts:
@@ -144,19 +143,19 @@ class Rollouts:
         """One micro-batch: batch_size prompts, grpo_group sampled completions each, scored."""
         cfg, G = self.cfg, self.cfg["grpo_group"]
         problems = self.task.sample(self.generator, cfg["batch_size"])
-        prompts = [p for p, _ in problems for _ in range(G)]
-        done = complete(self.policy, self.tokenizer, self.task, prompts, cfg["rl_max_new_tokens"],
-                        cfg["rl_temperature"], self.sampler)
+        prompts = [self.tokenizer.encode(p) for p, _ in problems for _ in range(G)]  # each prompt G times in a row
+        done = complete(self.policy, prompts, self.stop, cfg["rl_max_new_tokens"], cfg["rl_temperature"],
+                        self.sampler)
         rewards = []
         for ids, (_, answer) in zip(done, [q for q in problems for _ in range(G)]):
-            text = self.tokenizer.decode(strip_stop(ids, self.tokenizer, self.task))
+            text = self.tokenizer.decode(strip_stop(ids, self.stop))
             r = self.task.reward(text, answer)
             if cfg["rl_format_reward"] and ids and ids[-1] == self.stop and self.task.well_formed(text):
                 r += cfg["rl_format_reward"]
             rewards.append(r)
         rewards = torch.tensor(rewards, dtype=torch.float32)
-        seqs = [self.tokenizer.encode(p) + ids for p, ids in zip(prompts, done)]
-        starts = [len(self.tokenizer.encode(p)) for p in prompts]
+        seqs = [p + ids for p, ids in zip(prompts, done)]
+        starts = [len(p) for p in prompts]
         T = max(map(len, seqs)) - 1
         x = torch.zeros(len(seqs), T, dtype=torch.long)
         y = torch.full((len(seqs), T), -1, dtype=torch.long)
