@@ -1,8 +1,9 @@
 """
 Plot training runs from their metrics.jsonl: loss against iterations and against tokens, the
 learning rate, and, where the runs logged them, val bits per byte (which compares runs with different
-tokenizers) and accuracies (eval_tasks' benchmarks such as cloze/acc, a classifier's val/acc). Several
-runs share the axes, one colour each.
+tokenizers) and accuracies (eval_tasks' benchmarks such as cloze/acc, a classifier's val/acc, a task's
+held-out exact match such as arithmetic/acc, and GRPO's mean reward on its sampled answers). Several
+runs share the axes, one colour each. For a GRPO run the eval "loss" is the error, 1 - accuracy.
 
   python plot.py out-shakespeare-char-cpu                      # writes out-shakespeare-char-cpu/loss.png
   python plot.py out-a out-b --labels gpt2,llama --out compare.png
@@ -38,7 +39,8 @@ def read_run(out_dir):
     return logs, evals
 
 
-ACCURACY = re.compile(r"^[\w-]+/acc(_norm)?$")  # cloze/acc, hellaswag/acc_norm, val/acc
+ACCURACY = re.compile(r"^[\w-]+/acc(_norm)?$")  # cloze/acc, hellaswag/acc_norm, val/acc, arithmetic/acc
+REWARD = "rollout/reward"  # GRPO's mean reward on the answers it sampled, at every log line
 
 
 def accuracies(evals):
@@ -54,7 +56,7 @@ def plot(runs, labels, out_path):
     except ImportError:
         raise UserError("plot.py needs matplotlib: pip install matplotlib") from None
     bpb = any("val/bpb" in r for _, evals in runs for r in evals)
-    acc = any(accuracies(evals) for _, evals in runs)
+    acc = any(accuracies(evals) or any(REWARD in r for r in logs) for logs, evals in runs)
     panels = 3 + bpb + acc
     fig, axes = plt.subplots(1, panels, figsize=(5.3 * panels, 4.5))
     ax_it, ax_tok, ax_lr = axes[:3]
@@ -78,13 +80,17 @@ def plot(runs, labels, out_path):
             with_key = [r for r in evals if key in r]
             ax_acc.plot([r["iter"] for r in with_key], [r[key] for r in with_key], style, color=color, ms=3,
                         label=f"{label} {key}")
+        with_reward = [r for r in logs if REWARD in r]
+        if with_reward:
+            ax_acc.plot([r["iter"] for r in with_reward], [r[REWARD] for r in with_reward], color=color, alpha=0.35,
+                        lw=1, label=f"{label} {REWARD} (sampled)")
     ax_it.set(xlabel="iteration", ylabel="loss", title="loss (faint: every log line)")
     ax_tok.set(xlabel="tokens seen", ylabel="loss", title="loss against tokens")
     ax_lr.set(xlabel="iteration", ylabel="learning rate", title="learning rate")
     if bpb:
         ax_bpb.set(xlabel="iteration", ylabel="bits per byte", title="val bits per byte (any tokenizer)")
     if acc:
-        ax_acc.set(xlabel="iteration", ylabel="accuracy", title="accuracy (eval_tasks, val/acc)")
+        ax_acc.set(xlabel="iteration", ylabel="accuracy", title="accuracy (held-out; faint: reward while training)")
     for ax in axes:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)

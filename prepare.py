@@ -8,7 +8,7 @@ Turn text into token binaries for train.py.
   python prepare.py --input docs.jsonl --text_field text --out data/NAME              # one document a line
   python prepare.py --input PATH --tokenizer_from data/OTHER --out data/NAME          # reuse a vocabulary
   python prepare.py openwebtext | fineweb-edu     # streamed from the Hugging Face Hub (pip install datasets)
-  python prepare.py arithmetic --problems 20000   # generated: "37+485=522" a line (rewards.py), char tokens
+  python prepare.py arithmetic --problems 200000  # generated: "37+485=522" a line (rewards.py), char tokens
 
 Writes to the output folder:
   train.bin, val.bin  a flat stream of token ids (uint16 when the vocabulary fits, else uint32);
@@ -543,7 +543,7 @@ def parser():
                    "per example (0: all)")
     p.add_argument("--positive", help="classify: the positive class for precision/recall/F1 (default: the rarer)")
     p.add_argument("--seed", type=int, default=1337, help="classify/instruct/preference: seed of the split")
-    p.add_argument("--problems", type=int, default=20000, help="arithmetic: training problems written to train.bin")
+    p.add_argument("--problems", type=int, default=200000, help="arithmetic: training problems written to train.bin")
     return p
 
 

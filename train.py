@@ -546,6 +546,10 @@ class Run:
                                       cfg["batch_size"], self.rt.device, cfg["seed"] + (0 if s == "train" else 1))
                            for s in ("train", "val")}
             self.token_bytes = self.open_token_bytes()
+            if self.meta.get("rl_task"):  # a task's corpus (prepare.py arithmetic): the log shows its accuracy too
+                from rewards import make_task
+                from tokenizer import dataset_tokenizer
+                self.rl_task, self.tokenizer = make_task(self.meta["rl_task"]), dataset_tokenizer(self.data_dir)
             return
         from tasks import ExampleBatches
         self.splits = {s: ExampleBatches(self.data_dir, s, self.meta, block_size, cfg["batch_size"], self.rt.device,
@@ -785,6 +789,9 @@ class Run:
                 rt.total(nats_bytes)
                 out["val/bpb"] = bits_per_byte(nats_bytes)
         self.model.train()
+        if self.meta.get("rl_task"):  # a task's corpus: how many of its val problems the model now answers
+            problems = self.rl_task.val[:cfg["eval_examples"]]
+            out[f"{self.rl_task.name}/acc"] = float(np.mean(self.rl_accuracy(problems)))
         return {**out, **self.evaluate_benchmarks()}
 
     def evaluate_task(self):

@@ -1,6 +1,8 @@
 """GRPO with verifiable rewards (grpo.py, rewards.py, train.py --rl_task): the reward, the held-out
 problems, the advantages, the clipped loss and its KL, rollouts that train only on completions, resuming
 mid-run, and bad inputs."""
+import json
+
 import pytest
 import torch
 
@@ -132,3 +134,13 @@ def test_eval_scores_exact_match_on_the_held_out_problems(arith_run, tmp_path):
     out = run_main("eval.py", "--out_dir=out", "--tasks=arithmetic", "--split=test", "--limit=50", "--device=cpu",
                    cwd=folder)
     assert "arithmetic (test) exact" in out.stdout and "50" in out.stdout
+
+
+def test_pretraining_on_a_task_corpus_logs_the_tasks_held_out_accuracy(arith_run, tmp_path):
+    folder = copy_run(arith_run, tmp_path)
+    records = evals(folder / "out")
+    assert [r["iter"] for r in records] == [0, 40] and all(0 <= r["arithmetic/acc"] <= 1 for r in records)
+    run_main("eval.py", "--out_dir=out", "--tasks=arithmetic", "--split=val", "--limit=200", "--device=cpu",
+             cwd=folder)
+    (row,) = json.loads((folder / "out" / "eval.json").read_text())["results"]
+    assert row["examples"] == 200 and records[-1]["arithmetic/acc"] == pytest.approx(row["value"])  # eval_examples

@@ -55,6 +55,18 @@ def test_runs_that_logged_benchmark_accuracies_get_a_panel_for_them(tmp_path):
     assert png_width(tmp_path / "acc.png") > 1.15 * png_width(tmp_path / "bpb" / "loss.png")
 
 
+def test_a_grpo_run_that_logged_only_its_rollout_reward_gets_the_accuracy_panel(tmp_path):
+    write_metrics(tmp_path / "plain", 1.0)
+    lines = (tmp_path / "plain" / "metrics.jsonl").read_text().splitlines()
+    (tmp_path / "rl").mkdir()
+    (tmp_path / "rl" / "metrics.jsonl").write_text("".join(
+        json.dumps({**r, "rollout/reward": 0.3}) + "\n" if "lr" in r else json.dumps(r) + "\n"
+        for r in map(json.loads, lines)))
+    run_main("plot.py", "plain", cwd=tmp_path)
+    run_main("plot.py", "rl", cwd=tmp_path)
+    assert png_width(tmp_path / "rl" / "loss.png") > 1.2 * png_width(tmp_path / "plain" / "loss.png")
+
+
 @pytest.mark.slow
 def test_plot_draws_two_trained_runs(workdir):
     for name in ("a", "b"):
