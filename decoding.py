@@ -8,7 +8,8 @@ Design choices:
 - Token ids only: no tokenizer is imported. Where a tokenizer matters, the caller says so in ids
   (stop_tokens) or in a callback that sees each new token (on_token: streaming, stop strings).
 - KVCache keeps each layer's keys and values, so a new token costs one position's work instead of
-  a forward over the whole context. Grouped-query models store only their kv heads.
+  a forward over the whole context. Grouped-query models store only their kv heads; a sliding-window
+  layer keeps only its last W - 1 keys, so its memory stays bounded however long the text.
 - Rows of a batch may be left-padded to a common length: each row's positions count from its first
   real token and padding is masked out as keys, so a row decodes the same in a batch as alone.
 - Decoder owns the cache and the window: past block_size a row slides to its last `keep` tokens and
@@ -23,14 +24,22 @@ import torch.nn.functional as F
 # ----------------------------------------------------------------------------------------------
 # KV cache: keys and values of the tokens already seen
 
-class KVCache:
-    """Per-layer key/value buffers (B, n_kv_head, max_len, head_dim), filled left to right.
-    Row b's first pad[b] slots are padding: masked out as keys, and its positions count from its
-    first real token, so a padded row computes what it would alone. The model reads positions(T),
-    attn_mask(T), layer(i) and length, and calls advance(T) after a forward."""
+def layer_windows(config):
+    """Each layer's attention window (0: it sees every key), what a KVCache for the model keeps."""
+    return [config.attn_window if config.windowed(i) else 0 for i in range(config.n_layer)]
 
-    def __init__(self, n_layer, max_len, pad):
+
+class KVCache:
+    """Per-layer key/value buffers (B, n_kv_head, max_len, head_dim), filled left to right; a layer
+    with a window W > 0 holds only the last W - 1 slots (B, n_kv_head, <= W - 1, head_dim), all a
+    query's window needs besides itself. Row b's first pad[b] slots are padding: masked out as keys,
+    and its positions count from its first real token, so a padded row computes what it would
+    alone. The model reads positions(T), attn_mask(T), layer(i) and length, and calls advance(T)
+    after a forward; a windowed layer's keys are the last ones of the S slots attn_mask covers."""
+
+    def __init__(self, n_layer, max_len, pad, windows=None):
         self.max_len = max_len
+        self.windows = list(windows) if windows else [0] * n_layer
         self.length = 0  # slots filled, the same in every row
         self.pad = pad  # (B,) long: leading padding slots of each row
         self.padded = bool(pad.any())  # checked once, not at every step (a device sync on GPUs)
@@ -42,7 +51,7 @@ class KVCache:
         device = next(model.parameters()).device
         if pad is None:
             pad = torch.zeros(batch_size, dtype=torch.long, device=device)
-        return cls(model.config.n_layer, model.config.block_size, pad)
+        return cls(model.config.n_layer, model.config.block_size, pad, layer_windows(model.config))
 
     def positions(self, T):
         """Positions of the next T tokens, (B, T); padding slots get position 0."""
@@ -68,6 +77,12 @@ class KVCache:
         end = self.length + k.size(2)
         if end > self.max_len:
             raise ValueError(f"KV cache overflow: {end} tokens > max_len {self.max_len}")
+        if self.windows[i]:  # the held slots, then these T; keep the last W - 1 of them
+            if self.k[i] is not None:
+                k, v = torch.cat((self.k[i], k), dim=2), torch.cat((self.v[i], v), dim=2)
+            first = max(0, k.size(2) - (self.windows[i] - 1))
+            self.k[i], self.v[i] = k[:, :, first:], v[:, :, first:]
+            return k, v
         if self.k[i] is None:
             shape = (k.size(0), k.size(1), self.max_len, k.size(3))
             self.k[i] = torch.empty(shape, dtype=k.dtype, device=k.device)
@@ -94,9 +109,15 @@ class KVCache:
             raise ValueError(f"KV cache overflow: {n} tokens > max_len {self.max_len}")
         for kv, theirs in ((self.k, other.k), (self.v, other.v)):
             for i, (a, b) in enumerate(zip(kv, theirs)):
-                joined = a.new_zeros((a.size(0) + b.size(0), a.size(1), self.max_len, a.size(3)))
-                joined[:a.size(0), :, n - self.length:n] = a[:, :, :self.length]
-                joined[a.size(0):, :, n - other.length:n] = b[:, :, :other.length]
+                if self.windows[i]:  # the last held slots of each, right-aligned; the rest is padding
+                    width = min(n, self.windows[i] - 1)
+                    joined = a.new_zeros((a.size(0) + b.size(0), a.size(1), width, a.size(3)))
+                    joined[:a.size(0), :, width - a.size(2):] = a
+                    joined[a.size(0):, :, width - b.size(2):] = b
+                else:
+                    joined = a.new_zeros((a.size(0) + b.size(0), a.size(1), self.max_len, a.size(3)))
+                    joined[:a.size(0), :, n - self.length:n] = a[:, :, :self.length]
+                    joined[a.size(0):, :, n - other.length:n] = b[:, :, :other.length]
                 kv[i] = joined
         self.pad = torch.cat((self.pad + n - self.length, other.pad + n - other.length))
         self.length, self.padded = n, bool(self.pad.any())
@@ -107,7 +128,10 @@ class KVCache:
         if drop:
             for kv in (self.k, self.v):
                 for i, t in enumerate(kv):
-                    t[:, :, :self.length - drop] = t[:, :, drop:self.length].clone()
+                    if self.windows[i]:  # holds the last slots already; only ones now before slot 0 go
+                        kv[i] = t[:, :, max(0, t.size(2) - (self.length - drop)):]
+                    else:
+                        t[:, :, :self.length - drop] = t[:, :, drop:self.length].clone()
             self.pad, self.length = self.pad - drop, self.length - drop
             self.padded = bool(self.pad.any())
 

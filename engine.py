@@ -23,7 +23,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from decoding import KVCache, check_sampling, choose_next, left_pad
+from decoding import KVCache, check_sampling, choose_next, layer_windows, left_pad
 
 
 @dataclass(eq=False)  # compared and hashed by identity: the engine keeps a set of them
@@ -129,7 +129,7 @@ class Engine:
         for r in new:
             r.generator = None if r.seed is None else torch.Generator(device=self.device).manual_seed(r.seed)
         idx, pad = left_pad([r.prompt for r in new], self.device)
-        cache = KVCache(self.model.config.n_layer, self.block_size, pad)
+        cache = KVCache(self.model.config.n_layer, self.block_size, pad, layer_windows(self.model.config))
         logits, _ = self.model(idx, cache=cache)
         logits = logits[:, -1, :].float()  # (N, V)
         if not self.rows:

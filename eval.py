@@ -52,7 +52,8 @@ class EvalConfig:
     split: str = "val"             # the dataset split that bpb, cloze and instruct read (train | val | test); arithmetic: its val or test problems
     dataset: str = ""              # a prepared dataset folder; "" is the one the checkpoint was trained on
     text: str = ""                 # bpb of this text instead of a split (FILE:path reads a file)
-    stride: int = 0                # sliding window: tokens newly predicted per window (0: half of block_size)
+    stride: int = 0                # sliding window: tokens newly predicted per window (0: half of the window)
+    context: int = 0               # bpb: windows of this many tokens (0: block_size); past block_size only for rope and alibi models
     max_tokens: int = 0            # bpb reads at most this many tokens of the split (0: all of it)
     mc_file: str = ""              # JSONL of {"context", "choices", "label"} for the mc task
     hellaswag_split: str = "val"   # val | train: HellaSwag's file, downloaded once into data/hellaswag/
@@ -187,17 +188,28 @@ def exact_match_rows(task_name, cfg, model, tokenizer):
     return [dict(task=f"{task_name} ({cfg['split']})", metric="exact", value=value, stderr=se, examples=len(scores))]
 
 
+def context_window(model, context):
+    """Let the model read windows of context tokens (an extrapolation test when past its block_size)."""
+    try:
+        model.set_block_size(context)
+    except ValueError as e:
+        raise UserError(f"--context={context}: {e}") from None
+    return context
+
+
 def run_task(task, cfg, model, tokenizer, ckpt, autocast):
     """Result lines of one task: [{"task", "metric", "value", "stderr", "examples"}]."""
     block = model.config.block_size
     if task == "arithmetic":
         return exact_match_rows(task, cfg, model, tokenizer)
     if task == "bpb":
+        if cfg["context"]:
+            block = context_window(model, cfg["context"])
         ids = text_tokens(cfg, tokenizer) if cfg["text"] else split_tokens(cfg, ckpt, tokenizer)
         nbytes = token_bytes(tokenizer, model.config.vocab_size)
         stride = min(cfg["stride"] or max(1, block // 2), block)
         totals = score_stream(model, ids, nbytes, block, stride, cfg["batch_size"], autocast)
-        name = "text" if cfg["text"] else cfg["split"]
+        name = ("text" if cfg["text"] else cfg["split"]) + (f", context {block}" if cfg["context"] else "")
         return [dict(task=f"bpb ({name})", metric="bits/byte", value=bits_per_byte(totals), stderr=None,
                      examples=int(totals[2])),
                 dict(task=f"bpb ({name})", metric="loss/token", value=float(totals[0] / totals[2]), stderr=None,

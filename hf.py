@@ -146,8 +146,14 @@ def family(c):
     def refuse(what):
         return UserError(f"{what} cannot be written as a Hugging Face "
                        f"{'LlamaForCausalLM' if c['positions'] == 'rope' else 'GPT2LMHeadModel'}")
+    if c["positions"] == "alibi":
+        raise UserError("positions=alibi cannot be written as a Hugging Face GPT2LMHeadModel or LlamaForCausalLM "
+                        "(neither has ALiBi)")
     if c["qk_norm"]:
         raise refuse("qk_norm")
+    for key, off in (("norm_head", False), ("logit_softcap", 0.0), ("attn_window", 0)):
+        if c.get(key, off) != off:  # older checkpoints lack these keys
+            raise refuse(f"{key}={c[key]}")
     if c["positions"] == "learned":
         if c["norm"] != "layernorm":
             raise refuse(f"norm={c['norm']} with learned positions")

@@ -2,9 +2,14 @@
 A decoder-only transformer (GPT) in one file, for the GPT-2 and the LLaMA-3 families.
 
 Design choices, each a switch in GPTConfig:
-- positions: "learned" absolute embeddings added to the token embeddings (GPT-2), or "rope":
+- positions: "learned" absolute embeddings added to the token embeddings (GPT-2), "rope":
   rotary embeddings applied to q and k in every layer (LLaMA), with the optional "llama3"
-  frequency scaling of Llama 3.1/3.2. RoPE pairs dimension i with i + head_dim/2 ("rotate half").
+  frequency scaling of Llama 3.1/3.2 (RoPE pairs dimension i with i + head_dim/2, "rotate half"),
+  or "alibi": no position vectors at all, each head adds m_h (j - i) to the score of query i on key
+  j, so attention fades with distance at a per-head rate (Press et al. 2021; Baichuan 2's 13B).
+- attention masks: causal, or a sliding window (attn_window: each query sees its last W keys) on the
+  layers attn_window_pattern marks "S" ("SSSL": three windowed layers, then one full). ALiBi and
+  windows become one additive mask built once per forward (attention_bias), which both paths take.
 - norm: "layernorm" (GPT-2) or "rmsnorm" (LLaMA), always before each sublayer (pre-norm), plus a
   final norm before the unembedding.
 - mlp: "gelu" (4x wide), "gelu_tanh" (GPT-2's tanh approximation of gelu), "swiglu" (LLaMA; hidden size 2/3 of 4x rounded up to a multiple),
@@ -13,6 +18,11 @@ Design choices, each a switch in GPTConfig:
   Two paths with the same result: "fused" calls F.scaled_dot_product_attention (Flash kernels on
   GPUs that have them), "explicit" spells out softmax(Q K^T / sqrt(d) + causal mask) V.
 - the lm_head may share its weight with the token embedding (tied, GPT-2) or not (LLaMA-3 8B).
+  norm_head (Baichuan 2's NormHead) divides each output row by its norm, logit_v = h . w_v / |w_v|:
+  a rare token's row gets few, small gradients and its norm would drift apart from the frequent
+  ones', so only directions are compared (Baichuan 2 found it steadies training). With tied
+  embeddings the input still reads the raw rows; only the head sees them normalised.
+  logit_softcap c squashes logits into (-c, c) with c tanh(logits / c) (Gemma 2, modded-nanogpt).
 - init: N(0, 0.02) everywhere, residual output projections scaled by 1/sqrt(2 n_layer) (GPT-2), or
   zero (zero_init_proj, as recent speedrun recipes do: every block starts as the identity).
 
@@ -46,7 +56,7 @@ class GPTConfig:
     bias: bool = True             # biases in Linear layers and LayerNorms
     norm: str = "layernorm"       # layernorm | rmsnorm
     norm_eps: float = 1e-5        # epsilon inside the norms
-    positions: str = "learned"    # learned | rope
+    positions: str = "learned"    # learned | rope | alibi (no position vectors; a distance penalty per head)
     rope_theta: float = 10000.0   # RoPE base period
     rope_scaling: str = ""        # "" | llama3 (frequency scaling of Llama 3.1 / 3.2)
     rope_factor: float = 8.0      # llama3 scaling: how much longer than the original context
@@ -57,7 +67,11 @@ class GPTConfig:
     mlp_hidden: int = 0           # MLP hidden width; 0: 4*n_embd (gelu*, relu2) or LLaMA's rule (swiglu)
     mlp_multiple_of: int = 256    # swiglu: round the default hidden width up to a multiple of this
     qk_norm: bool = False         # RMS-normalise q and k per head before attention
+    attn_window: int = 0          # sliding-window attention: a query sees its last W keys (itself included); 0: all
+    attn_window_pattern: str = "S"  # tiled over the layers: S windowed, L full ("SSSL"); read when attn_window > 0
     tie_embeddings: bool = True   # lm_head shares the token embedding matrix
+    norm_head: bool = False       # Baichuan 2's NormHead: each lm_head row divided by its L2 norm
+    logit_softcap: float = 0.0    # logits -> c tanh(logits / c), bounded by c; 0: off
     attn_impl: str = "fused"      # fused | explicit (same numbers; explicit is for reading and tests)
     zero_init_proj: bool = False  # start the residual output projections (c_proj) at zero: blocks begin as identity
     n_classes: int = 0            # classification head on the last real token; 0: language model only
@@ -67,7 +81,7 @@ class GPTConfig:
     lora_targets: str = "attn.c_attn,attn.c_proj,mlp.c_fc,mlp.c_proj"  # comma-separated linear layers given adapters
 
     def __post_init__(self):
-        choices = {"norm": ("layernorm", "rmsnorm"), "positions": ("learned", "rope"),
+        choices = {"norm": ("layernorm", "rmsnorm"), "positions": ("learned", "rope", "alibi"),
                    "mlp": ("gelu", "gelu_tanh", "swiglu", "relu2"), "rope_scaling": ("", "llama3"),
                    "attn_impl": ("fused", "explicit")}
         for key, allowed in choices.items():
@@ -83,12 +97,24 @@ class GPTConfig:
             raise ValueError(f"n_head={self.n_head} is not divisible by n_kv_head={self.n_kv_head}")
         if self.positions == "rope" and self.head_dim % 2:
             raise ValueError(f"rope needs an even head_dim, got {self.head_dim}")
+        if self.attn_window < 0:
+            raise ValueError(f"attn_window must be >= 0 (0: full attention), got {self.attn_window}")
+        if not self.attn_window_pattern or set(self.attn_window_pattern) - set("SL"):
+            raise ValueError(f"attn_window_pattern={self.attn_window_pattern!r} is not a string of S (windowed) "
+                             f"and L (full), e.g. SSSL")
+        if self.logit_softcap < 0:
+            raise ValueError(f"logit_softcap must be >= 0 (0: off), got {self.logit_softcap}")
         if self.mlp_hidden == 0:
             if self.mlp == "swiglu":  # LLaMA: 2/3 of 4x keeps the parameter count of a 4x MLP
                 hidden, m = int(2 * 4 * self.n_embd / 3), self.mlp_multiple_of
                 self.mlp_hidden = m * ((hidden + m - 1) // m)
             else:
                 self.mlp_hidden = 4 * self.n_embd
+
+    def windowed(self, layer):
+        """Whether this layer attends through the sliding window."""
+        pattern = self.attn_window_pattern
+        return self.attn_window > 0 and pattern[layer % len(pattern)] == "S"
 
     @classmethod
     def keys(cls):
@@ -168,17 +194,65 @@ def apply_rope(x, cos, sin):
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
 
 
+def alibi_slopes(n_head):
+    """ALiBi's per-head slopes m_h: for H a power of two the geometric sequence 2^(-8h/H), h = 1..H;
+    otherwise the paper's rule: the slopes of the power of two below H, then every other slope of
+    the power of two above it until there are H."""
+    def geometric(n):
+        return [2 ** (-8 * h / n) for h in range(1, n + 1)]
+    if n_head & (n_head - 1) == 0:
+        return torch.tensor(geometric(n_head))
+    below = 2 ** int(math.log2(n_head))
+    return torch.tensor(geometric(below) + geometric(2 * below)[0::2][:n_head - below])
+
+
+def attention_bias(allowed, slopes=None, window=0):
+    """The attention mask of one kind of layer. allowed (B | 1, 1, T, S) bool, True where a query may
+    look (causal, padding); the T queries are the last T of the S slots. window > 0 also hides keys
+    window or more slots back; slopes (H,) add m_h (j - i), so the mask becomes float (B | 1, H, T, S)
+    with -inf where hidden. Slot differences equal position differences within a row, padding or not."""
+    T, S = allowed.shape[-2:]
+    dist = (torch.arange(S, device=allowed.device)[None, :] -
+            torch.arange(S - T, S, device=allowed.device)[:, None])  # (T, S): j - i, <= 0 where causal
+    if window:
+        allowed = allowed & (dist > -window)
+    if slopes is None:
+        return allowed
+    bias = slopes.to(allowed.device)[:, None, None] * dist  # (H, T, S)
+    return bias.masked_fill(~allowed, float("-inf"))
+
+
+def causal_mask(T, S, device):
+    """(1, 1, T, S) bool: query t, at slot S - T + t, may look at keys up to its own slot."""
+    return torch.ones(T, S, dtype=torch.bool, device=device).tril(diagonal=S - T)[None, None]
+
+
 def explicit_attention(q, k, v, dropout, mask=None):
     """softmax(Q K^T / sqrt(d) + M) V with M = -inf above the diagonal: the textbook formula.
-    mask (B, 1, T, S), True where a query may look, replaces the causal mask when given."""
+    mask (B | 1, 1 | H, T, S) replaces the causal mask when given: bool, True where a query may look,
+    or float, added to the scores (ALiBi's distances, -inf where hidden)."""
     T, S = q.size(-2), k.size(-2)
     att = (q @ k.transpose(-2, -1)) / math.sqrt(q.size(-1))  # (B, H, T, S)
-    # query t sits at absolute position S - T + t and may look at keys up to that position
-    causal = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(diagonal=S - T) if mask is None else mask
-    att = att.masked_fill(~causal, float("-inf"))
+    if mask is None:
+        mask = causal_mask(T, S, q.device)
+    if mask.dtype == torch.bool:
+        att = att.masked_fill(~mask, float("-inf"))
+    else:
+        att = att + mask.to(att.dtype)
     att = F.softmax(att, dim=-1)
     att = dropout(att)
     return att @ v  # (B, H, T, d)
+
+
+def z_losses(logits, targets):
+    """Two penalties on logits (B, T, V) that keep them from drifting large, averaged over the
+    positions whose target is not -1: PaLM's z-loss, the mean of log^2 Z with Z the softmax's
+    normaliser, and Baichuan 2's max-z loss, the mean of the squared largest logit."""
+    logits, keep = logits.float(), targets != -1  # (B, T, V), (B, T)
+    n = keep.sum().clamp(min=1)
+    log_z = torch.logsumexp(logits, dim=-1)  # (B, T)
+    max_z = logits.max(dim=-1).values  # (B, T)
+    return (log_z.square() * keep).sum() / n, (max_z.square() * keep).sum() / n
 
 
 # ----------------------------------------------------------------------------------------------
@@ -225,6 +299,8 @@ class CausalSelfAttention(nn.Module):
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if kv is not None:
             k, v = kv.update(k, v)  # (B, Hkv, S, d): the cached positions, then these T
+            if mask is not None and mask.size(-1) > k.size(2):  # a windowed layer's cache holds the last slots
+                mask = mask[..., -k.size(2):]
         if self.impl == "fused":
             # is_causal aligns the diagonal top-left, right only when T == S; a single query sees all.
             # An if, not a bool expression: under torch.compile with dynamic shapes T > 1 is symbolic,
@@ -232,6 +308,8 @@ class CausalSelfAttention(nn.Module):
             causal = False
             if mask is None and T > 1:
                 causal = True
+            if mask is not None and mask.dtype != torch.bool:
+                mask = mask.to(q.dtype)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
                                                dropout_p=self.dropout if self.training else 0.0,
                                                is_causal=causal, enable_gqa=Hkv != H)
@@ -334,6 +412,8 @@ class GPT(nn.Module):
             cos, sin = rope_cos_sin(config, config.block_size)
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
+        if config.positions == "alibi":
+            self.register_buffer("alibi_slopes", alibi_slopes(config.n_head), persistent=False)
         self.apply(self._init_weights)
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):  # residual branches add up over 2 n_layer sublayers
@@ -405,27 +485,55 @@ class GPT(nn.Module):
             else:
                 pos = cache.positions(T)  # (B, T): each row counts from its first real token
             x = x + self.transformer.wpe(pos)  # (T, C) broadcast over the batch, or (B, T, C)
-        elif cache is None:
+        elif self.config.positions == "rope" and cache is None:
             cos, sin = self.rope_cos[:T], self.rope_sin[:T]  # (T, d/2)
-        else:
+        elif self.config.positions == "rope":
             pos = cache.positions(T)  # (B, T)
             cos, sin = self.rope_cos[pos].unsqueeze(1), self.rope_sin[pos].unsqueeze(1)  # (B, 1, T, d/2)
         x = self.transformer.drop(x)
-        mask = None if cache is None else cache.attn_mask(T)  # (B, 1, T, S) or None
+        full, windowed = self.attention_masks(T, cache)
         for i, block in enumerate(self.transformer.h):
+            mask = windowed if self.config.windowed(i) else full
             x = block(x, cos, sin, None if cache is None else cache.layer(i), mask)
         if cache is not None:
             cache.advance(T)
         return self.transformer.ln_f(x)
 
-    def forward(self, idx, targets=None, label_smoothing=0.0, cache=None):
+    def attention_masks(self, T, cache=None):
+        """The masks of the full and of the windowed layers for the next T tokens: None (plain causal,
+        the fused path's fastest case), bool (B | 1, 1, T, S), or float (B | 1, H, T, S) with ALiBi."""
+        cfg = self.config
+        padded = None if cache is None else cache.attn_mask(T)  # (B, 1, T, S) or None
+        if cfg.positions != "alibi" and not cfg.attn_window:
+            return padded, padded
+        S = T if cache is None else cache.length + T
+        allowed = causal_mask(T, S, self.lm_head.weight.device) if padded is None else padded
+        slopes = self.alibi_slopes if cfg.positions == "alibi" else None
+        full = attention_bias(allowed, slopes) if slopes is not None else padded
+        windowed = attention_bias(allowed, slopes, cfg.attn_window) if cfg.attn_window else full
+        return full, windowed
+
+    def logits(self, h):
+        """Hidden states (..., C) -> logits (..., vocab): the lm_head, its rows normalised with
+        norm_head, soft-capped with logit_softcap."""
+        w = self.lm_head.weight
+        logits = F.linear(h, F.normalize(w, dim=-1) if self.config.norm_head else w)
+        c = self.config.logit_softcap
+        return c * torch.tanh(logits / c) if c else logits
+
+    def forward(self, idx, targets=None, label_smoothing=0.0, cache=None, z_loss=0.0, max_z_loss=0.0):
         """idx (B, T) token ids -> logits (B, T, vocab); with targets (B, T), also the mean
-        cross-entropy over the positions whose target is not -1 (see hidden_states for cache)."""
-        logits = self.lm_head(self.hidden_states(idx, cache))  # (B, T, vocab)
+        cross-entropy over the positions whose target is not -1, plus z_loss * PaLM's log^2 Z and
+        max_z_loss * Baichuan 2's squared largest logit on the same positions (see z_losses; for
+        cache, hidden_states)."""
+        logits = self.logits(self.hidden_states(idx, cache))  # (B, T, vocab)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1),
                                    ignore_index=-1, label_smoothing=label_smoothing)
+            if z_loss or max_z_loss:
+                z, max_z = z_losses(logits, targets)
+                loss = loss + z_loss * z + max_z_loss * max_z
         return logits, loss
 
     def crop_block_size(self, block_size):
@@ -434,8 +542,21 @@ class GPT(nn.Module):
         self.config.block_size = block_size
         if "wpe" in self.transformer:
             self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size])
-        else:
+        elif self.config.positions == "rope":
             self.rope_cos, self.rope_sin = self.rope_cos[:block_size], self.rope_sin[:block_size]
+
+    def set_block_size(self, block_size):
+        """Read contexts of block_size tokens: a crop, or, for rope and alibi (no position table), a
+        longer context than trained on: the extrapolation that ALiBi's paper measures."""
+        if block_size <= self.config.block_size:
+            return self.crop_block_size(block_size)
+        if self.config.positions == "learned":
+            raise ValueError(f"learned positions stop at block_size {self.config.block_size}: the table has no "
+                             f"row for position {block_size - 1}")
+        self.config.block_size = block_size
+        if self.config.positions == "rope":
+            cos, sin = rope_cos_sin(self.config, block_size)
+            self.rope_cos, self.rope_sin = cos.to(self.rope_cos.device), sin.to(self.rope_sin.device)
 
     # Fine-tuning: a classification head (GPT-1, the spam classifier) and LoRA adapters.
     # The head reads the hidden state of the last real token: with causal attention it has seen the
@@ -462,7 +583,7 @@ class GPT(nn.Module):
         if lm_weight > 0:
             targets = idx[:, 1:].masked_fill(  # a target is real if its position is < length
                 torch.arange(1, idx.size(1), device=idx.device)[None, :] >= lengths[:, None], -1)  # (B, T-1)
-            lm_logits = self.lm_head(h[:, :-1])  # (B, T-1, vocab)
+            lm_logits = self.logits(h[:, :-1])  # (B, T-1, vocab)
             lm_loss = F.cross_entropy(lm_logits.reshape(-1, lm_logits.size(-1)).float(), targets.reshape(-1),
                                       ignore_index=-1, label_smoothing=label_smoothing)
             loss = loss + lm_weight * lm_loss

@@ -53,7 +53,7 @@ from common import UserError, description, first_line, hold_folder, read_meta, r
 from configurator import parse_args
 from decoding import generate_batch
 from hf import load_source
-from model import GPT, GPTConfig, preset_config
+from model import GPT, GPTConfig, preset_config, z_losses
 from optim import get_lr, make_optimizer, set_lr
 
 
@@ -90,6 +90,8 @@ class TrainConfig:
     beta2: float = 0.95                   # AdamW beta2
     grad_clip: float = 1.0                # clip the gradient's global norm to this; 0 disables
     label_smoothing: float = 0.0          # cross-entropy label smoothing, as torch's F.cross_entropy
+    z_loss: float = 0.0                   # weight of PaLM's z-loss, log^2 of the softmax normaliser (1e-4 in PaLM)
+    max_z_loss: float = 0.0               # weight of Baichuan 2's max-z loss, the squared largest logit (2e-4 there)
     optimizer: str = "adamw"              # adamw | muon (Muon for the matrices in the blocks, AdamW for the rest)
     muon_lr: float = 0.02                 # Muon's peak learning rate (follows the same schedule)
     muon_momentum: float = 0.95           # Muon's momentum
@@ -252,7 +254,7 @@ RANGES = [("batch_size", 1, False), ("gradient_accumulation_steps", 1, False), (
           ("max_iters", 0, False), ("eval_interval", 1, False), ("eval_iters", 1, False), ("log_interval", 1, False),
           ("learning_rate", 0, True), ("min_lr", 0, False), ("warmup_iters", 0, False), ("lr_decay_iters", 0, False),
           ("warmdown_iters", 0, False), ("weight_decay", 0, False), ("grad_clip", 0, False), ("bench", 0, False),
-          ("label_smoothing", 0, False), ("dropout", 0, False), ("muon_lr", 0, True), ("keep_checkpoints", 0, False),
+          ("label_smoothing", 0, False), ("z_loss", 0, False), ("max_z_loss", 0, False), ("dropout", 0, False), ("muon_lr", 0, True), ("keep_checkpoints", 0, False),
           ("eval_examples", 1, False), ("grpo_group", 1, False), ("grpo_clip", 0, True), ("grpo_updates", 1, False),
           ("kl_beta", 0, False), ("rl_temperature", 0, True), ("rl_max_new_tokens", 1, False)]
 CHOICES = {"nan_policy": ("stop", "skip"), "parallel": ("ddp", "fsdp"), "optimizer": ("adamw", "muon"),
@@ -843,7 +845,11 @@ class Run:
         if self.task == "classify":
             return self.raw_model.classify(*batch, lm_weight=cfg["cls_lm_weight"], label_smoothing=cfg["label_smoothing"],
                                            class_weight=self.class_weight)[1]
-        return self.model(*batch, label_smoothing=cfg["label_smoothing"])[1]
+        logits, loss = self.model(*batch, label_smoothing=cfg["label_smoothing"], z_loss=cfg["z_loss"],
+                                  max_z_loss=cfg["max_z_loss"])
+        if cfg["z_loss"] or cfg["max_z_loss"]:  # logged apart from the cross-entropy (report_step)
+            self.z_terms += torch.stack(z_losses(logits.detach(), batch[1])) / self.local_accum
+        return loss
 
     def draw(self):
         """This process's share of the next step's micro-batches (every process draws them all)."""
@@ -853,6 +859,7 @@ class Run:
     def step(self, micro_batches):
         """One optimizer step over this process's micro-batches; returns the mean loss (a tensor)."""
         loss_sum = torch.zeros((), device=self.rt.device)
+        self.z_terms = torch.zeros(2, device=self.rt.device)  # this step's mean log^2 Z and max-logit^2
         for micro, starts in enumerate(micro_batches):
             last = micro == len(micro_batches) - 1  # reduce gradients only after the last micro-batch
             if self.sharded:
@@ -955,11 +962,16 @@ class Run:
         mfu = self.raw_model.estimate_mfu(self.tokens_per_iter, dt, peak) if peak else None
         mfu_text = f", mfu {mfu * 100:.1f}%" if mfu is not None else ""
         rollouts = self.splits["train"].stats if self.task == "grpo" else {}  # the last step's samples
-        print(f"iter {self.iter_num}: loss {loss:.4f}" + "".join(f", {k} {v:.3f}" for k, v in rollouts.items()) +
+        cfg, parts = self.cfg, {}
+        if cfg["z_loss"] or cfg["max_z_loss"]:  # the cross-entropy and the two penalties, unweighted
+            z, max_z = self.z_terms.tolist()  # rank 0's, like the rollout figures
+            parts = {"ce": loss - cfg["z_loss"] * z - cfg["max_z_loss"] * max_z, "z": z, "max_z": max_z}
+        print(f"iter {self.iter_num}: loss {loss:.4f}" + "".join(f", {k} {v:.4f}" for k, v in parts.items()) +
+              "".join(f", {k} {v:.3f}" for k, v in rollouts.items()) +
               f", lr {lr:.2e}, {dt * 1000:.1f} ms/iter, {tok_s:,.0f} tok/s{mfu_text}, eta {eta / 60:.1f} min")
         self.log({"iter": self.iter_num, "tokens": self.iter_num * self.tokens_per_iter, "loss": loss, "lr": lr,
                   "ms_per_iter": dt * 1000, "tokens_per_s": tok_s, "mfu": mfu,
-                  **{f"rollout/{k}": v for k, v in rollouts.items()}})
+                  **parts, **{f"rollout/{k}": v for k, v in rollouts.items()}})
 
     def stop_and_save(self, signal_name):
         """After SIGTERM/SIGINT: checkpoint the finished step and say how to go on."""

@@ -5,15 +5,18 @@ import threading
 import pytest
 import torch
 
-from decoding import KVCache, generate_batch
+from decoding import KVCache, generate_batch, layer_windows
 from engine import Engine, Request
 from model import GPT, GPTConfig
 
 
-@pytest.fixture(scope="module")
-def model():
+@pytest.fixture(scope="module", params=["learned", "alibi_window"])
+def model(request):
+    """A plain GPT-2-style model, and one whose first layer attends through a window of 3 (its cache
+    holds 2 keys per row) with ALiBi distances."""
     torch.manual_seed(0)
-    return GPT(GPTConfig(vocab_size=50, block_size=32, n_layer=2, n_head=2, n_embd=32, dropout=0.0)).eval()
+    switches = dict(positions="alibi", attn_window=3, attn_window_pattern="SL") if request.param != "learned" else {}
+    return GPT(GPTConfig(vocab_size=50, block_size=32, n_layer=2, n_head=2, n_embd=32, dropout=0.0, **switches)).eval()
 
 
 def collect(prompt, max_new, **kw):
@@ -41,7 +44,7 @@ def test_joined_caches_compute_what_each_row_computes_alone(model):
     a, b = torch.tensor([[1, 2, 3, 4, 5]]), torch.tensor([[7, 8]])
     caches = []
     for x in (a, b):
-        c = KVCache(2, 64, torch.zeros(1, dtype=torch.long))
+        c = KVCache(2, 32, torch.zeros(1, dtype=torch.long), layer_windows(model.config))
         model(x, cache=c)
         caches.append(c)
     caches[0].join(caches[1])

@@ -174,7 +174,11 @@ def test_export_command_writes_a_folder_and_refuses_what_hf_cannot_hold(tmp_path
     assert json.loads((tmp_path / "hf" / "config.json").read_text())["num_key_value_heads"] == 2
     for arch, message in [(dict(norm="rmsnorm"), "norm=rmsnorm with learned positions"),
                           (dict(OURS["llama-gqa-untied"], qk_norm=True), "qk_norm cannot be written"),
-                          (dict(positions="rope"), "LLaMA needs rmsnorm and swiglu")]:
+                          (dict(positions="rope"), "LLaMA needs rmsnorm and swiglu"),
+                          (dict(positions="alibi"), "positions=alibi cannot be written"),
+                          (dict(norm_head=True), "norm_head=True cannot be written"),
+                          (dict(OURS["llama-gqa-untied"], logit_softcap=30.0), "logit_softcap=30.0 cannot be written"),
+                          (dict(OURS["llama-gqa-untied"], attn_window=4), "attn_window=4 cannot be written")]:
         save_ours(arch, tmp_path / "bad.pt")
         one_line_error(run_main("hf.py", "export", "--ckpt", tmp_path / "bad.pt", "--out", tmp_path / "bad",
                                 cwd=tmp_path, check=False), message)
