@@ -5,6 +5,7 @@ Benchmarks: every speed figure in the README comes from this script.
   python bench.py config/speedrun_shakespeare_char_cpu.py --target=1.88   # wall time to val <= 1.88
   python bench.py --suite=speed --nanogpt=../nanoGPT      # tokens/s against nanoGPT's CPU recipe
   python bench.py --suite=speedrun --nanogpt=../nanoGPT   # the README's time-to-1.88 table
+  python bench.py --suite=switches                        # each architecture switch against the speedrun config
 
 Speed: `train.py CONFIG --bench=N` in a fresh process times N training steps and sampling (ms/iter,
 tokens/s, MFU on GPUs, peak memory, sampling tokens/s). Time to target: the config trains into a
@@ -27,6 +28,7 @@ from common import ArgumentParser, UserError, description, run_cli
 HERE = os.path.dirname(os.path.abspath(__file__))
 EVAL_LINE = re.compile(r"^step (\d+): train loss ([\d.]+), val loss ([\d.]+)")  # train.py's and nanoGPT's
 NANOGPT_ITER = re.compile(r"^iter (\d+): loss [\d.naif]+, time ([\d.]+)ms")
+BPB = re.compile(r"val/bpb ([\d.]+)")  # train.py prints it on its evaluation lines
 
 # nanoGPT's README command for a CPU (shakespeare_char, 4 layers x 128, block 64, batch 12)
 NANOGPT_CPU = ["config/train_shakespeare_char.py", "--device=cpu", "--compile=False", "--eval_iters=20",
@@ -57,6 +59,15 @@ SUITES = {
         ("both, batch 12, 400 iterations, WSD", [SPEEDRUN, "--batch_size=12", "--max_iters=400",
                                                  "--warmdown_iters=160", "--eval_interval=100"]),
         ("both, batch 16, 300 iterations, one evaluation (the speedrun config)", [SPEEDRUN]),
+    ],
+    "switches": [  # time to val <= target: the speedrun config, then with each architecture switch of model.py
+        ("the speedrun config", [SPEEDRUN]),
+        ("+ ALiBi instead of RoPE", [SPEEDRUN, "--positions=alibi"]),
+        ("+ sliding window 16, SSSL", [SPEEDRUN, "--attn_window=16", "--attn_window_pattern=SSSL"]),
+        ("+ NormHead", [SPEEDRUN, "--norm_head=True"]),
+        ("+ logit soft-cap 15", [SPEEDRUN, "--logit_softcap=15"]),
+        ("+ z-loss 1e-4", [SPEEDRUN, "--z_loss=1e-4"]),
+        ("+ max-z loss 2e-4", [SPEEDRUN, "--max_z_loss=2e-4"]),
     ],
 }
 
@@ -131,8 +142,9 @@ def to_target(argv, cwd, target):
     if not evals:
         raise UserError(f"{' '.join(argv)} printed no evaluation")
     t, step, val = evals[-1]  # the run stops at the first evaluation that reaches the target
+    bpb = next((m[1] for _, l in reversed(lines) if (m := BPB.search(l)) and EVAL_LINE.match(l)), "")
     return {"time to target": f"{t:.1f} s" if val <= target else f"not reached ({wall:.1f} s in all)",
-            "iteration": str(step), "val loss": f"{val:.3f}"}
+            "iteration": str(step), "val loss": f"{val:.3f}", "val bpb": bpb}
 
 
 def number(text):
@@ -146,7 +158,7 @@ def run_suite(args, extra):
         raise UserError("give a config file (e.g. config/train_shakespeare_char_cpu.py) or --suite")
     if args.steps < 1 or args.repeat < 1:
         raise UserError(f"--steps and --repeat must be >= 1, got {args.steps} and {args.repeat}")
-    if args.suite == "speedrun" and args.target is None:
+    if args.suite in ("speedrun", "switches") and args.target is None:
         args.target = 1.88
     rows = SUITES[args.suite] if args.suite else [(" ".join(extra), [])]
     extra = [] if args.suite else extra
