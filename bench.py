@@ -138,11 +138,11 @@ def to_target(argv, cwd, target):
         m = EVAL_LINE.match(line)
         return bool(m) and float(m[3]) <= target
     lines, wall = run_lines(argv, cwd, until=reached)
-    evals = [(t, int(m[1]), float(m[3])) for t, l in lines if (m := EVAL_LINE.match(l))]
+    evals = [(t, int(m[1]), float(m[3]), l) for t, l in lines if (m := EVAL_LINE.match(l))]
     if not evals:
         raise UserError(f"{' '.join(argv)} printed no evaluation")
-    t, step, val = evals[-1]  # the run stops at the first evaluation that reaches the target
-    bpb = next((m[1] for _, l in reversed(lines) if (m := BPB.search(l)) and EVAL_LINE.match(l)), "")
+    t, step, val, line = evals[-1]  # the run stops at the first evaluation that reaches the target
+    bpb = m[1] if (m := BPB.search(line)) else ""
     return {"time to target": f"{t:.1f} s" if val <= target else f"not reached ({wall:.1f} s in all)",
             "iteration": str(step), "val loss": f"{val:.3f}", "val bpb": bpb}
 

@@ -188,23 +188,22 @@ def exact_match_rows(task_name, cfg, model, tokenizer):
     return [dict(task=f"{task_name} ({cfg['split']})", metric="exact", value=value, stderr=se, examples=len(scores))]
 
 
-def context_window(model, context):
+def set_context(model, context):
     """Let the model read windows of context tokens (an extrapolation test when past its block_size)."""
     try:
         model.set_block_size(context)
     except ValueError as e:
         raise UserError(f"--context={context}: {e}") from None
-    return context
 
 
 def run_task(task, cfg, model, tokenizer, ckpt, autocast):
     """Result lines of one task: [{"task", "metric", "value", "stderr", "examples"}]."""
+    if task == "bpb" and cfg["context"]:
+        set_context(model, cfg["context"])
     block = model.config.block_size
     if task == "arithmetic":
         return exact_match_rows(task, cfg, model, tokenizer)
     if task == "bpb":
-        if cfg["context"]:
-            block = context_window(model, cfg["context"])
         ids = text_tokens(cfg, tokenizer) if cfg["text"] else split_tokens(cfg, ckpt, tokenizer)
         nbytes = token_bytes(tokenizer, model.config.vocab_size)
         stride = min(cfg["stride"] or max(1, block // 2), block)
