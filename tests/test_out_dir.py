@@ -104,8 +104,12 @@ def test_two_runs_started_into_one_folder_the_second_is_refused_and_the_first_en
     for line in first.stdout:
         if line.startswith("iter 20:"):
             break
-    second = subprocess.run([sys.executable, str(REPO / "train.py"), *RUN, "--out_dir=out", "--max_iters=400"],
-                            cwd=workdir, capture_output=True, text=True, env=env, timeout=120)
+    first.send_signal(signal.SIGSTOP)  # a paused run still holds its folder, and cannot finish before the second asks
+    try:
+        second = subprocess.run([sys.executable, str(REPO / "train.py"), *RUN, "--out_dir=out", "--max_iters=400"],
+                                cwd=workdir, capture_output=True, text=True, env=env, timeout=120)
+    finally:
+        first.send_signal(signal.SIGCONT)
     assert second.returncode == 2 and "is in use by another run (pid " in second.stderr
     assert len(second.stderr.strip().splitlines()) == 1
     first.communicate(timeout=300)
