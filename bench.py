@@ -5,6 +5,7 @@ Benchmarks: every speed figure in the README comes from this script.
   python bench.py config/speedrun_shakespeare_char_cpu.py --target=1.88   # wall time to val <= 1.88
   python bench.py --suite=speed --nanogpt=../nanoGPT      # tokens/s against nanoGPT's CPU recipe
   python bench.py --suite=speedrun --nanogpt=../nanoGPT   # the README's time-to-1.88 table
+  python bench.py --suite=bar --nanogpt=../nanoGPT --repeat=3   # its first and last rows: the speedrun's ratio
   python bench.py --suite=switches                        # each architecture switch against the speedrun config
 
 Speed: `train.py CONFIG --bench=N` in a fresh process times N training steps and sampling (ms/iter,
@@ -38,6 +39,9 @@ NANOGPT_TOKENS_PER_ITER = 12 * 64  # its batch_size x block_size above
 CPU = "config/train_shakespeare_char_cpu.py"
 SPEEDRUN = "config/speedrun_shakespeare_char_cpu.py"
 MODERN = ["--positions=rope", "--norm=rmsnorm", "--mlp=relu2", "--qk_norm=True", "--zero_init_proj=True"]
+# the speedrun config before its window, its shorter run and its single evaluation (2026-11-22)
+SPEEDRUN_300 = [SPEEDRUN, "--attn_window=0", "--max_iters=300", "--warmdown_iters=120", "--eval_interval=300",
+                "--eval_at_start=True"]
 MUON = ["--optimizer=muon", "--muon_lr=0.03", "--learning_rate=3e-3", "--weight_decay=0.0", "--lr_schedule=wsd",
         "--warmup_iters=20", "--min_lr=0.0"]
 
@@ -56,20 +60,27 @@ SUITES = {
          [CPU, *MODERN, "--eval_interval=100"]),
         ("Muon alone on GPT-2 blocks, 800 iterations, WSD",
          [CPU, *MUON, "--max_iters=800", "--lr_decay_iters=800", "--warmdown_iters=320", "--eval_interval=100"]),
-        ("both, batch 12, 400 iterations, WSD", [SPEEDRUN, "--batch_size=12", "--max_iters=400",
+        ("both, batch 12, 400 iterations, WSD", [*SPEEDRUN_300, "--batch_size=12", "--max_iters=400",
                                                  "--warmdown_iters=160", "--eval_interval=100"]),
-        ("both, batch 16, 300 iterations, one evaluation (the speedrun config)", [SPEEDRUN]),
+        ("both, batch 16, 300 iterations", SPEEDRUN_300),
+        ("+ value embeddings", [*SPEEDRUN_300, "--value_embeds=True"]),
+        ("+ sliding window 4 on 3 layers of 4 (SSSL)", [SPEEDRUN, "--max_iters=300", "--warmdown_iters=120",
+                                                        "--eval_interval=300", "--eval_at_start=True"]),
+        ("+ 210 iterations, half of them warm-down, no evaluation at step 0 (the speedrun config)", [SPEEDRUN]),
     ],
-    "switches": [  # time to val <= target: the speedrun config, then with each architecture switch of model.py
-        ("the speedrun config", [SPEEDRUN]),
-        ("+ ALiBi instead of RoPE", [SPEEDRUN, "--positions=alibi"]),
-        ("+ sliding window 16, SSSL", [SPEEDRUN, "--attn_window=16", "--attn_window_pattern=SSSL"]),
-        ("+ NormHead", [SPEEDRUN, "--norm_head=True"]),
-        ("+ logit soft-cap 15", [SPEEDRUN, "--logit_softcap=15"]),
-        ("+ z-loss 1e-4", [SPEEDRUN, "--z_loss=1e-4"]),
-        ("+ max-z loss 2e-4", [SPEEDRUN, "--max_z_loss=2e-4"]),
+    "switches": [  # time to val <= target: the speedrun config's 300-iteration recipe, then each switch of model.py
+        ("the speedrun config at 300 iterations, no window", SPEEDRUN_300),
+        ("+ ALiBi instead of RoPE", [*SPEEDRUN_300, "--positions=alibi"]),
+        ("+ sliding window 16, SSSL", [*SPEEDRUN_300, "--attn_window=16", "--attn_window_pattern=SSSL"]),
+        ("+ sliding window 4, SSSL", [*SPEEDRUN_300, "--attn_window=4", "--attn_window_pattern=SSSL"]),
+        ("+ NormHead", [*SPEEDRUN_300, "--norm_head=True"]),
+        ("+ logit soft-cap 15", [*SPEEDRUN_300, "--logit_softcap=15"]),
+        ("+ z-loss 1e-4", [*SPEEDRUN_300, "--z_loss=1e-4"]),
+        ("+ max-z loss 2e-4", [*SPEEDRUN_300, "--max_z_loss=2e-4"]),
+        ("+ value embeddings", [*SPEEDRUN_300, "--value_embeds=True"]),
     ],
 }
+SUITES["bar"] = [SUITES["speedrun"][0], SUITES["speedrun"][-1]]  # nanoGPT's recipe and the speedrun config
 
 
 def run_lines(cmd, cwd, until=None):
@@ -158,7 +169,7 @@ def run_suite(args, extra):
         raise UserError("give a config file (e.g. config/train_shakespeare_char_cpu.py) or --suite")
     if args.steps < 1 or args.repeat < 1:
         raise UserError(f"--steps and --repeat must be >= 1, got {args.steps} and {args.repeat}")
-    if args.suite in ("speedrun", "switches") and args.target is None:
+    if args.suite in ("speedrun", "switches", "bar") and args.target is None:
         args.target = 1.88
     rows = SUITES[args.suite] if args.suite else [(" ".join(extra), [])]
     extra = [] if args.suite else extra

@@ -227,7 +227,7 @@ def main(argv):
     if meta.get("task") != "instruct":
         raise UserError(f"dataset {cfg['dataset']!r} is not an instruct dataset (prepare.py --task instruct)")
     rt = runtime.start(cfg["device"], "float32", distributed=False)
-    ckpt, model, tokenizer = load_for_inference(cfg["init_from"], None, rt.device)
+    ckpt, model, tokenizer = load_for_inference(cfg["init_from"], None, rt.device, "dpo.py")
     if ckpt.get("tokenizer") != meta["tokenizer"]:
         raise UserError(f"{cfg['init_from']}'s tokenizer differs from dataset {cfg['dataset']!r}'s; use the "
                         f"instruct dataset the checkpoint was fine-tuned on")

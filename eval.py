@@ -300,7 +300,7 @@ def main(argv):
     if cfg["bench"]:
         return bench(cfg, rt)
     harness = lm_eval_tasks(cfg) if cfg["lm_eval_tasks"] else None
-    ckpt, model, tokenizer = load_for_inference(cfg["init_from"], cfg["out_dir"], rt.device)
+    ckpt, model, tokenizer = load_for_inference(cfg["init_from"], cfg["out_dir"], rt.device, "eval.py")
     if model.config.n_classes:
         raise UserError("this checkpoint is a classifier: eval.py measures language models (a classifier's "
                         "accuracy is train.py's val/acc)")

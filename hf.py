@@ -151,7 +151,7 @@ def family(c):
                         "(neither has ALiBi)")
     if c["qk_norm"]:
         raise refuse("qk_norm")
-    for key, off in (("norm_head", False), ("logit_softcap", 0.0), ("attn_window", 0)):
+    for key, off in (("causal", True), ("value_embeds", False), ("norm_head", False), ("logit_softcap", 0.0), ("attn_window", 0)):
         if c.get(key, off) != off:  # older checkpoints lack these keys
             raise refuse(f"{key}={c[key]}")
     if c["positions"] == "learned":
@@ -405,10 +405,14 @@ def load_source(init_from, out_dir=None, with_tokenizer=False):
     return load_checkpoint(init_from)
 
 
-def load_for_inference(init_from, out_dir, device):
-    """The checkpoint (load_source's), its model on the device in eval mode, and its tokenizer."""
+def load_for_inference(init_from, out_dir, device, decoder_for=""):
+    """The checkpoint (load_source's), its model on the device in eval mode, and its tokenizer.
+    decoder_for: the program that reads next-token probabilities, which refuses an encoder."""
     from tokenizer import load_tokenizer
     ckpt = load_source(init_from, out_dir, with_tokenizer=True)
+    if decoder_for and not ckpt["model_config"].get("causal", True):
+        raise UserError(f"{decoder_for} reads a decoder's next-token probabilities, and this checkpoint is an encoder "
+                        f"(causal=False): fill its masks with sample.py, or fine-tune it on a classify dataset")
     if not ckpt.get("tokenizer"):
         raise UserError("the checkpoint records no tokenizer, so its token ids cannot be turned into text; "
                         "fine-tune it on a prepared dataset first (the run records the dataset's tokenizer)")

@@ -10,6 +10,9 @@ Design choices, each a switch in GPTConfig:
 - attention masks: causal, or a sliding window (attn_window: each query sees its last W keys) on the
   layers attn_window_pattern marks "S" ("SSSL": three windowed layers, then one full). ALiBi and
   windows become one additive mask built once per forward (attention_bias), which both paths take.
+  causal=False makes the model an encoder (BERT): every position sees the whole row, padding aside;
+  ALiBi's penalty and the window then count distance both ways, |j - i|. It is trained by masked
+  language modelling (train.py objective=mlm), has no KV cache and cannot generate.
 - norm: "layernorm" (GPT-2) or "rmsnorm" (LLaMA), always before each sublayer (pre-norm), plus a
   final norm before the unembedding.
 - mlp: "gelu" (4x wide), "gelu_tanh" (GPT-2's tanh approximation of gelu), "swiglu" (LLaMA; hidden size 2/3 of 4x rounded up to a multiple),
@@ -27,7 +30,8 @@ Design choices, each a switch in GPTConfig:
   zero (zero_init_proj, as recent speedrun recipes do: every block starts as the identity).
 
 Fine-tuning: GPT.add_classifier / classify put a linear head on the last real token's hidden state
-(GPT-1); GPT.add_lora wraps the block's linear layers in LoRALinear adapters, merge_lora folds them in.
+(GPT-1), or on an encoder, on the mean of the real tokens' hidden states; GPT.add_lora wraps the
+block's linear layers in LoRALinear adapters, merge_lora folds them in.
 
 Decoding lives in decoding.py. The model only takes an optional `cache` argument (an object with
 positions(T), attn_mask(T), layer(i), length and advance(T), which decoding.KVCache is) so that a
@@ -69,6 +73,8 @@ class GPTConfig:
     qk_norm: bool = False         # RMS-normalise q and k per head before attention
     attn_window: int = 0          # sliding-window attention: a query sees its last W keys (itself included); 0: all
     attn_window_pattern: str = "S"  # tiled over the layers: S windowed, L full ("SSSL"); read when attn_window > 0
+    causal: bool = True           # False: an encoder (BERT), each position sees the whole sequence
+    value_embeds: bool = False    # each layer adds an embedding of the token to its values (modded-nanogpt)
     tie_embeddings: bool = True   # lm_head shares the token embedding matrix
     norm_head: bool = False       # Baichuan 2's NormHead: each lm_head row divided by its L2 norm
     logit_softcap: float = 0.0    # logits -> c tanh(logits / c), bounded by c; 0: off
@@ -209,11 +215,12 @@ def alibi_slopes(n_head):
 def attention_bias(allowed, slopes=None, window=0):
     """The attention mask of one kind of layer. allowed (B | 1, 1, T, S) bool, True where a query may
     look (causal, padding); the T queries are the last T of the S slots. window > 0 also hides keys
-    window or more slots back; slopes (H,) add m_h (j - i), so the mask becomes float (B | 1, H, T, S)
-    with -inf where hidden. Slot differences equal position differences within a row, padding or not."""
+    window or more slots away; slopes (H,) add -m_h |j - i|, so the mask becomes float (B | 1, H, T, S)
+    with -inf where hidden. Slot differences equal position differences within a row, padding or not.
+    Where causal, j <= i and -|j - i| is ALiBi's j - i; an encoder's queries also look forward."""
     T, S = allowed.shape[-2:]
-    dist = (torch.arange(S, device=allowed.device)[None, :] -
-            torch.arange(S - T, S, device=allowed.device)[:, None])  # (T, S): j - i, <= 0 where causal
+    dist = -(torch.arange(S, device=allowed.device)[None, :] -
+             torch.arange(S - T, S, device=allowed.device)[:, None]).abs()  # (T, S): -|j - i|
     if window:
         allowed = allowed & (dist > -window)
     if slopes is None:
@@ -227,14 +234,15 @@ def causal_mask(T, S, device):
     return torch.ones(T, S, dtype=torch.bool, device=device).tril(diagonal=S - T)[None, None]
 
 
-def explicit_attention(q, k, v, dropout, mask=None):
+def explicit_attention(q, k, v, dropout, mask=None, causal=True):
     """softmax(Q K^T / sqrt(d) + M) V with M = -inf above the diagonal: the textbook formula.
     mask (B | 1, 1 | H, T, S) replaces the causal mask when given: bool, True where a query may look,
-    or float, added to the scores (ALiBi's distances, -inf where hidden)."""
+    or float, added to the scores (ALiBi's distances, -inf where hidden). causal=False and no mask:
+    every query sees every key (an encoder)."""
     T, S = q.size(-2), k.size(-2)
     att = (q @ k.transpose(-2, -1)) / math.sqrt(q.size(-1))  # (B, H, T, S)
     if mask is None:
-        mask = causal_mask(T, S, q.device)
+        mask = causal_mask(T, S, q.device) if causal else torch.ones(1, 1, T, S, dtype=torch.bool, device=q.device)
     if mask.dtype == torch.bool:
         att = att.masked_fill(~mask, float("-inf"))
     else:
@@ -274,6 +282,7 @@ class CausalSelfAttention(nn.Module):
         super().__init__()
         self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
         self.impl, self.rope, self.dropout = config.attn_impl, config.positions == "rope", config.dropout
+        self.causal = config.causal
         # q, k and v for all heads in one matrix: n_head query heads, n_kv_head key and value heads
         qkv_dim = (config.n_head + 2 * config.n_kv_head) * config.head_dim
         self.c_attn = nn.Linear(config.n_embd, qkv_dim, bias=config.bias)
@@ -284,14 +293,17 @@ class CausalSelfAttention(nn.Module):
         self.attn_dropout = nn.Dropout(config.dropout)
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x, cos=None, sin=None, kv=None, mask=None):
+    def forward(self, x, cos=None, sin=None, kv=None, mask=None, ve=None):
         """kv: this layer's view of a KVCache (k and v are appended to it, attention covers all
-        cached positions); mask (B, 1, T, S): where each query may look, None for plain causal."""
+        cached positions); mask (B, 1, T, S): where each query may look, None for plain causal (an
+        encoder's None: everything); ve (B, T, Hkv * d): the tokens' value embeddings, added to v."""
         B, T, C = x.size()
         H, Hkv, d = self.n_head, self.n_kv_head, self.head_dim
         q, k, v = self.c_attn(x).split([H * d, Hkv * d, Hkv * d], dim=2)
         q = q.view(B, T, H, d).transpose(1, 2)    # (B, H, T, d)
         k = k.view(B, T, Hkv, d).transpose(1, 2)  # (B, Hkv, T, d)
+        if ve is not None:
+            v = v + ve
         v = v.view(B, T, Hkv, d).transpose(1, 2)  # (B, Hkv, T, d)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
@@ -306,7 +318,7 @@ class CausalSelfAttention(nn.Module):
             # An if, not a bool expression: under torch.compile with dynamic shapes T > 1 is symbolic,
             # and SDPA takes a Python bool
             causal = False
-            if mask is None and T > 1:
+            if mask is None and T > 1 and self.causal:
                 causal = True
             if mask is not None and mask.dtype != torch.bool:
                 mask = mask.to(q.dtype)
@@ -316,7 +328,7 @@ class CausalSelfAttention(nn.Module):
         else:
             # each group of H/Hkv consecutive query heads shares one key/value head
             k, v = k.repeat_interleave(H // Hkv, dim=1), v.repeat_interleave(H // Hkv, dim=1)
-            y = explicit_attention(q, k, v, self.attn_dropout, mask)
+            y = explicit_attention(q, k, v, self.attn_dropout, mask, self.causal)
         y = y.transpose(1, 2).contiguous().view(B, T, H * d)  # re-assemble heads side by side
         return self.resid_dropout(self.c_proj(y))
 
@@ -353,8 +365,8 @@ class Block(nn.Module):
         self.ln_2 = Norm(config.n_embd, config.norm, config.norm_eps, config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x, cos=None, sin=None, kv=None, mask=None):
-        x = x + self.attn(self.ln_1(x), cos, sin, kv, mask)
+    def forward(self, x, cos=None, sin=None, kv=None, mask=None, ve=None):
+        x = x + self.attn(self.ln_1(x), cos, sin, kv, mask, ve)
         x = x + self.mlp(self.ln_2(x))
         return x
 
@@ -405,6 +417,9 @@ class GPT(nn.Module):
         ))
         if config.positions == "learned":
             self.transformer.wpe = nn.Embedding(config.block_size, config.n_embd)
+        if config.value_embeds:  # one table per layer, as wide as its keys and values
+            self.transformer.ve = nn.ModuleList([nn.Embedding(config.vocab_size, config.n_kv_head * config.head_dim)
+                                                 for _ in range(config.n_layer)])
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.transformer.wte.weight = self.lm_head.weight
@@ -449,7 +464,7 @@ class GPT(nn.Module):
             if id(p) in seen:
                 continue
             seen.add(id(p))
-            part = ("embeddings" if name.startswith(("transformer.wte", "transformer.wpe")) else
+            part = ("embeddings" if name.startswith(("transformer.wte", "transformer.wpe", "transformer.ve")) else
                     "attention" if ".attn." in name and "_norm" not in name else
                     "mlp" if ".mlp." in name else
                     "head" if name.startswith(("lm_head", "cls_head")) else "norms")
@@ -467,13 +482,16 @@ class GPT(nn.Module):
                      f"{self.config.block_size} positions)")
         return "\n".join(lines)
 
-    def hidden_states(self, idx, cache=None):
+    def hidden_states(self, idx, cache=None, lengths=None):
         """idx (B, T) token ids -> the final-norm hidden states (B, T, C), the input of the heads.
         With a KVCache, idx continues the cached tokens: positions start after them and the
-        cache grows by T."""
+        cache grows by T. lengths (B,): an encoder's rows are right-padded after this many tokens,
+        which no position may attend to (a decoder's real tokens never see the padding after them)."""
         B, T = idx.size()
         if T > self.config.block_size:
             raise ValueError(f"sequence of length {T} is longer than block_size {self.config.block_size}")
+        if cache is not None and not self.config.causal:
+            raise ValueError("an encoder (causal=False) has no KV cache: every position sees the ones after it")
         if cache is not None and cache.length + T > self.config.block_size:
             raise ValueError(f"{cache.length} cached + {T} new tokens is longer than block_size "
                              f"{self.config.block_size}; start a new cache")
@@ -491,23 +509,33 @@ class GPT(nn.Module):
             pos = cache.positions(T)  # (B, T)
             cos, sin = self.rope_cos[pos].unsqueeze(1), self.rope_sin[pos].unsqueeze(1)  # (B, 1, T, d/2)
         x = self.transformer.drop(x)
-        full, windowed = self.attention_masks(T, cache)
+        full, windowed = self.attention_masks(T, cache, lengths)
         for i, block in enumerate(self.transformer.h):
             mask = windowed if self.config.windowed(i) else full
-            x = block(x, cos, sin, None if cache is None else cache.layer(i), mask)
+            ve = self.transformer.ve[i](idx) if self.config.value_embeds else None  # (B, T, Hkv * d)
+            x = block(x, cos, sin, None if cache is None else cache.layer(i), mask, ve)
         if cache is not None:
             cache.advance(T)
         return self.transformer.ln_f(x)
 
-    def attention_masks(self, T, cache=None):
+    def attention_masks(self, T, cache=None, lengths=None):
         """The masks of the full and of the windowed layers for the next T tokens: None (plain causal,
-        the fused path's fastest case), bool (B | 1, 1, T, S), or float (B | 1, H, T, S) with ALiBi."""
-        cfg = self.config
+        the fused path's fastest case; an encoder's: all), bool (B | 1, 1, T, S), or float
+        (B | 1, H, T, S) with ALiBi."""
+        cfg, device = self.config, self.lm_head.weight.device
         padded = None if cache is None else cache.attn_mask(T)  # (B, 1, T, S) or None
+        if not cfg.causal and lengths is not None:  # keys past a row's length are padding
+            padded = (torch.arange(T, device=device)[None, :] < lengths[:, None])[:, None, None, :]  # (B, 1, 1, T)
+            padded = padded.expand(-1, 1, T, T)
         if cfg.positions != "alibi" and not cfg.attn_window:
             return padded, padded
         S = T if cache is None else cache.length + T
-        allowed = causal_mask(T, S, self.lm_head.weight.device) if padded is None else padded
+        if padded is not None:
+            allowed = padded
+        elif cfg.causal:
+            allowed = causal_mask(T, S, device)
+        else:
+            allowed = torch.ones(1, 1, T, S, dtype=torch.bool, device=device)
         slopes = self.alibi_slopes if cfg.positions == "alibi" else None
         full = attention_bias(allowed, slopes) if slopes is not None else padded
         windowed = attention_bias(allowed, slopes, cfg.attn_window) if cfg.attn_window else full
@@ -560,7 +588,10 @@ class GPT(nn.Module):
 
     # Fine-tuning: a classification head (GPT-1, the spam classifier) and LoRA adapters.
     # The head reads the hidden state of the last real token: with causal attention it has seen the
-    # whole text and nothing after it, so right-padding never changes what the head reads.
+    # whole text and nothing after it, so right-padding never changes what the head reads. An
+    # encoder's last token is no better placed than any other, and it has no [CLS] token trained
+    # by next-sentence prediction, so the head reads the mean over the real tokens (as Sentence-BERT
+    # found best), with the padding masked out of attention.
 
     def add_classifier(self, n_classes):
         """Give the model a fresh head of n_classes outputs (N(0, 0.02) weights, zero bias)."""
@@ -574,12 +605,20 @@ class GPT(nn.Module):
         """idx (B, T) right-padded token ids, lengths (B,) real tokens per row (>= 1) -> class logits
         (B, n_classes); with labels (B,), also L = L_cls + lm_weight * L_lm, where L_lm is next-token
         cross-entropy over the real tokens only (GPT-1's auxiliary objective)."""
-        h = self.hidden_states(idx)  # (B, T, C)
-        rows = torch.arange(idx.size(0), device=idx.device)
-        logits = self.cls_head(h[rows, lengths - 1])  # (B, n_classes)
+        if self.config.causal:
+            h = self.hidden_states(idx)  # (B, T, C)
+            rows = torch.arange(idx.size(0), device=idx.device)
+            pooled = h[rows, lengths - 1]  # (B, C)
+        else:
+            h = self.hidden_states(idx, lengths=lengths)  # (B, T, C)
+            real = (torch.arange(idx.size(1), device=idx.device)[None, :] < lengths[:, None]).to(h.dtype)  # (B, T)
+            pooled = (h * real[..., None]).sum(1) / lengths[:, None].to(h.dtype)  # (B, C)
+        logits = self.cls_head(pooled)  # (B, n_classes)
         if labels is None:
             return logits, None
         loss = F.cross_entropy(logits.float(), labels, weight=class_weight, label_smoothing=label_smoothing)
+        if lm_weight > 0 and not self.config.causal:
+            raise ValueError("lm_weight: an encoder sees each next token, so it has no next-token loss")
         if lm_weight > 0:
             targets = idx[:, 1:].masked_fill(  # a target is real if its position is < length
                 torch.arange(1, idx.size(1), device=idx.device)[None, :] >= lengths[:, None], -1)  # (B, T-1)
@@ -652,6 +691,8 @@ class GPT(nn.Module):
         each step re-running the whole context (cropped to block_size) for the last position's
         logits. Temperature 0 is greedy; top_k keeps the k most likely tokens. decoding.py does the
         same with a KV cache and more strategies, and is tested against this."""
+        if not self.config.causal:
+            raise ValueError("an encoder (causal=False) does not generate; it fills masked tokens (sample.py)")
         for _ in range(max_new_tokens):
             logits, _ = self(idx[:, -self.config.block_size:])
             logits = logits[:, -1, :].float()  # (B, vocab)

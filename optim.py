@@ -54,14 +54,17 @@ def newton_schulz(G, steps=5, eps=1e-7):
     """The nearest semi-orthogonal matrix to each G (..., m, n), approximately: the quintic
     Newton-Schulz iteration of Muon, tuned to push all singular values towards 1 in 5 steps."""
     a, b, c = 3.4445, -4.7750, 2.0315
-    X = G / (G.norm(dim=(-2, -1), keepdim=True) + eps)
+    shape = G.shape
+    X = G.reshape(-1, *shape[-2:])  # (k, m, n): baddbmm wants one batch dimension
+    X = X / (X.norm(dim=(-2, -1), keepdim=True) + eps)
     tall = X.size(-2) > X.size(-1)
     if tall:  # iterate on the wide orientation: X X^T is the smaller product
         X = X.mT
     for _ in range(steps):
         A = X @ X.mT
-        X = a * X + (b * A + c * A @ A) @ X
-    return X.mT if tall else X
+        B = torch.baddbmm(A, A, A, beta=b, alpha=c)  # b A + c A A, fused: small matrices are bound by memory
+        X = torch.baddbmm(X, B, X, beta=a, alpha=1.0)  # a X + B X
+    return (X.mT if tall else X).reshape(shape)
 
 
 class MuonFloat32(torch.optim.Optimizer):

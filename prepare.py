@@ -7,6 +7,7 @@ Turn text into token binaries for train.py.
   python prepare.py --input PATH --tokenizer bpe --vocab_size 4096 --out data/NAME   # train a BPE too
   python prepare.py --input docs.jsonl --text_field text --out data/NAME              # one document a line
   python prepare.py --input PATH --tokenizer_from data/OTHER --out data/NAME          # reuse a vocabulary
+  python prepare.py --input PATH --tokenizer char --mask_token --out data/NAME        # for an encoder (MLM)
   python prepare.py openwebtext | fineweb-edu     # streamed from the Hugging Face Hub (pip install datasets)
   python prepare.py arithmetic --problems 200000  # generated: "37+485=522" a line (rewards.py), char tokens
 
@@ -38,7 +39,8 @@ import numpy as np
 
 from common import ArgumentParser, UserError, cpu_cores, description, download, first_line, make_folder, run_cli, token_dtype, write_meta
 from tasks import prepare_task
-from tokenizer import BPE_FILE, PATTERNS, CharTokenizer, bpe_tokenizer, dataset_tokenizer, gpt2_tokenizer, save_bpe, train_bpe
+from tokenizer import (BPE_FILE, PATTERNS, CharTokenizer, add_mask_token, bpe_tokenizer, dataset_tokenizer, gpt2_tokenizer,
+                       save_bpe, train_bpe, with_mask_entry)
 
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 KNOWN = {  # name -> (tokenizer, canonical download address)
@@ -489,7 +491,7 @@ def write_dataset(out_dir, items, tok, dtype, workers, total):
 
 
 def prepare(input_path, tokenizer, out_dir, val_fraction=0.1, *, vocab_size=None, bpe_pattern="gpt4",
-            bpe_train_bytes=None, tokenizer_dir=None, text_field="text", workers=None, hf_name=None):
+            bpe_train_bytes=None, tokenizer_dir=None, text_field="text", workers=None, hf_name=None, mask_token=False):
     """Encode a corpus into out_dir (see the module docstring); returns its meta.json."""
     if not 0 < val_fraction < 1:
         raise UserError(f"val_fraction must be between 0 and 1, got {val_fraction}")
@@ -498,13 +500,15 @@ def prepare(input_path, tokenizer, out_dir, val_fraction=0.1, *, vocab_size=None
     items, total, counts_docs = corpus(input_path, hf_name, text_field, val_fraction)
     tok = choose_tokenizer(tokenizer, tokenizer_dir, items, total, val_fraction, vocab_size, bpe_pattern,
                            bpe_train_bytes)
+    if mask_token:
+        add_mask_token(tok)
     dtype = token_dtype(tok.vocab_size)
     counts, progress = write_dataset(out_dir, items, tok, dtype, workers, total)
     meta = {"tokenizer": tok.meta(), "vocab_size": tok.vocab_size, "dtype": np.dtype(dtype).name,
             "train_tokens": counts["train"], "val_tokens": counts["val"], "val_fraction": val_fraction,
             "documents": counts_docs["documents"]}
     if tok.kind == "bpe":
-        meta["tokenizer"] = {"kind": "bpe", "file": BPE_FILE}
+        meta["tokenizer"] = with_mask_entry(tok, {"kind": "bpe", "file": BPE_FILE})
     write_meta(out_dir, meta)  # last: a folder with meta.json is a whole dataset
     seconds = time.perf_counter() - progress.start
     print(f"{out_dir}: {counts['train']:,} train and {counts['val']:,} val tokens, "
@@ -531,6 +535,9 @@ def parser():
     p.add_argument("--bpe_train_bytes", type=float, default=None,
                    help="with --tokenizer bpe: train it on only the first this many bytes of the train split "
                         "(e.g. 1e9; default: all of it)")
+    p.add_argument("--mask_token", action="store_true",
+                   help="add a [MASK] token after the vocabulary (an encoder's masked language modelling needs "
+                        "one); a --tokenizer_from dataset's mask token is kept without it")
     p.add_argument("--text_field", default="text", help="the field of each .jsonl line (or dataset row) "
                                                         "that holds the text")
     p.add_argument("--workers", type=int, default=None, help="encoding threads (default: one per CPU core)")
@@ -570,9 +577,9 @@ def check_args(args):
         raise UserError(f"--workers must be at least 1, got {args.workers}")
     if args.problems < 1:
         raise UserError(f"--problems must be at least 1, got {args.problems}")
-    if args.name in SYNTHETIC and (args.input or args.tokenizer or args.tokenizer_from):
-        raise UserError(f"{args.name} is generated, with its own char tokenizer: pass no --input, --tokenizer "
-                        f"or --tokenizer_from")
+    if args.name in SYNTHETIC and (args.input or args.tokenizer or args.tokenizer_from or args.mask_token):
+        raise UserError(f"{args.name} is generated, with its own char tokenizer: pass no --input, --tokenizer, "
+                        f"--tokenizer_from or --mask_token")
     if args.task != "lm" and args.input is None:
         raise UserError(f"--task {args.task} needs --input PATH")
     return tokenizer
@@ -637,7 +644,8 @@ def prepare_from_args(args, tokenizer, out_dir):
         if args.task == "preference" and not os.path.exists(args.input) and "/" in args.input.split(":")[0]:
             rows = hf_rows(args.input)  # a dataset of the Hugging Face Hub, e.g. trl-lib/ultrafeedback_binarized
         prepare_task(args.task, args.input, tokenizer, out_dir, args.val_fraction, args.test_fraction,
-                     args.max_length, args.vocab_size or 4096, args.positive, args.seed, tok=tok, rows=rows)
+                     args.max_length, args.vocab_size or 4096, args.positive, args.seed, tok=tok, rows=rows,
+                     mask_token=args.mask_token)
         return
     input_path, hf_name = args.input, None
     if input_path is None and args.name in HF_DATASETS:
@@ -646,7 +654,8 @@ def prepare_from_args(args, tokenizer, out_dir):
         input_path = known_corpus_copy(args.name, input_path, out_dir)
     prepare(input_path, tokenizer, out_dir, args.val_fraction, vocab_size=args.vocab_size,
             bpe_pattern=args.bpe_pattern, bpe_train_bytes=args.bpe_train_bytes and int(args.bpe_train_bytes),
-            tokenizer_dir=args.tokenizer_from, text_field=args.text_field, workers=args.workers, hf_name=hf_name)
+            tokenizer_dir=args.tokenizer_from, text_field=args.text_field, workers=args.workers, hf_name=hf_name,
+            mask_token=args.mask_token)
 
 
 if __name__ == "__main__":

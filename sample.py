@@ -9,6 +9,7 @@ Generate text from a trained checkpoint.
   python sample.py --out_dir=out-instruct --instruct --start="Name three primary colors."
   python sample.py --out_dir=out-instruct --instruct --interactive
   python sample.py --out_dir=out-spam --start="WIN a free prize"   # a classifier: label and probability
+  python sample.py --out_dir=out-mlm --start="To be, or not to [MASK]"  # an encoder: fills each [MASK]
 
 Decoding uses a KV cache (decoding.py): the prompts are prefilled once, then each step runs the
 model on one new token, in every mode (--instruct, --interactive and --instruct_eval too). All prompts
@@ -16,7 +17,10 @@ and their num_samples samples are decoded as one batch (left-padded), except wit
 decodes one sample at a time and prints it as it grows.
 Generation stops at max_new_tokens, at the tokenizer's stop tokens (end-of-text for BPE; Llama 3's
 <|end_of_text|> and <|eot_id|>) or at --stop.
-A classifier checkpoint labels the text instead (with FILE:, each non-empty line).
+A classifier checkpoint labels the text instead (with FILE:, each non-empty line). An encoder
+(causal=False, trained with objective=mlm) fills every [MASK] of the prompt in one forward pass: it
+prints the text with each mask's likeliest token, then each mask's top_k candidates (at most 10)
+and their probabilities.
 
 The tokenizer is the one of the dataset the checkpoint was trained on (recorded in the
 checkpoint from the dataset's meta.json). `python sample.py --help` lists every setting.
@@ -233,6 +237,39 @@ def print_labels(model, tokenizer, cfg, ckpt, device):
         print(f"{label}\t{p:.4f}\t{t}")
 
 
+@torch.no_grad()
+def fill_masks(model, ids, mask_token, k):
+    """An encoder's k best guesses at each masked position of ids, in one forward pass:
+    [(position, [(token, probability)] * k)]."""
+    x = torch.tensor(ids, dtype=torch.long, device=model.lm_head.weight.device)[None, :]  # (1, T)
+    logits, _ = model(x)
+    probs = torch.softmax(logits[0].float(), dim=-1)  # (T, vocab)
+    out = []
+    for pos in (i for i, t in enumerate(ids) if t == mask_token):
+        p, tokens = probs[pos].topk(k)
+        out.append((pos, list(zip(tokens.tolist(), p.tolist()))))
+    return out
+
+
+def print_fills(model, tokenizer, cfg, device):
+    """The prompt with each [MASK] filled by the encoder's likeliest token, then every mask's candidates."""
+    from tokenizer import MASK_TEXT, encode_with_masks
+    ids = encode_with_masks(tokenizer, read_prompt(cfg["start"]))
+    if tokenizer.mask_token not in ids:
+        raise UserError(f"an encoder fills masks: put {MASK_TEXT} in --start, "
+                        f"e.g. --start=\"To be, or not to {MASK_TEXT}\"")
+    if len(ids) > model.config.block_size:
+        raise UserError(f"the prompt has {len(ids)} tokens; the encoder reads at most {model.config.block_size}")
+    fills = fill_masks(model, ids, tokenizer.mask_token, min(cfg["top_k"], 10))
+    filled = list(ids)
+    for pos, candidates in fills:
+        filled[pos] = candidates[0][0]
+    print(tokenizer.decode(filled))
+    for n, (pos, candidates) in enumerate(fills, 1):
+        shown = "  ".join(f"{tokenizer.decode([t])!r} {p:.3f}" for t, p in candidates)
+        print(f"{MASK_TEXT} {n} (token {pos}): {shown}")
+
+
 def print_instruct_eval(model, tokenizer, cfg, ckpt):
     """Greedy answers to every prompt of a split of the checkpoint's instruct dataset. Returns tokens generated."""
     from tasks import instruct_report
@@ -314,6 +351,9 @@ def generate(model, tokenizer, ckpt, cfg, rt):
     generator = torch.Generator(device=rt.device).manual_seed(cfg["seed"])
     if model.config.n_classes:
         print_labels(model, tokenizer, cfg, ckpt, rt.device)
+        return None
+    if not model.config.causal:
+        print_fills(model, tokenizer, cfg, rt.device)
         return None
     if cfg["instruct_eval"]:
         return print_instruct_eval(model, tokenizer, cfg, ckpt)

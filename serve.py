@@ -579,7 +579,7 @@ def main(argv):
     if cfg["bench"]:
         return bench(cfg, rt)
     from hf import load_for_inference
-    ckpt, model, tokenizer = load_for_inference(cfg["init_from"], cfg["out_dir"], rt.device)
+    ckpt, model, tokenizer = load_for_inference(cfg["init_from"], cfg["out_dir"], rt.device, "serve.py")
     if model.config.n_classes:
         raise UserError("this checkpoint is a classifier; serve.py serves language models (sample.py labels text)")
     if rt.dtype != "float32":

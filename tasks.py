@@ -333,10 +333,11 @@ def encode_split(task, data, idx, tok, max_length):
 
 
 def prepare_task(task, input_path, tokenizer, out_dir, val_fraction=0.1, test_fraction=0.2, max_length=0,
-                 vocab_size=2048, positive=None, seed=1337, tok=None, rows=None):
+                 vocab_size=2048, positive=None, seed=1337, tok=None, rows=None, mask_token=False):
     """Build a classify, instruct or preference dataset folder (see the module docstring); returns meta and
     the tokenizer. tok: an already built tokenizer to use instead of making one (e.g. another dataset's);
-    rows: preference records already read (input_path then only names them)."""
+    rows: preference records already read (input_path then only names them); mask_token: give the
+    tokenizer a [MASK] token (an encoder pretrained by masked language modelling reads this data)."""
     if max_length < 0:
         raise UserError(f"max_length must be >= 0 (0: no truncation), got {max_length}")
     data = read_task(task, input_path, val_fraction, test_fraction, seed, positive, rows)
@@ -345,6 +346,9 @@ def prepare_task(task, input_path, tokenizer, out_dir, val_fraction=0.1, test_fr
         # a BPE learns from train only; a char alphabet must cover every split to encode it at all
         tok = make_tokenizer(tokenizer, texts if tokenizer == "char" else [texts[i] for i in splits["train"]],
                              vocab_size)
+    if mask_token:
+        from tokenizer import add_mask_token
+        add_mask_token(tok)
     if task != "classify" and tok.eot_token is None:
         raise UserError(f"{task} data needs a tokenizer with an end-of-text token: gpt2 or bpe")
     dtype = token_dtype(tok.vocab_size)

@@ -19,6 +19,9 @@ vocab_size, meta() -> the JSON-able dict that rebuilds it, and three kinds of sp
   end-of-turn <|eot_id|>, or the eos ids the model's config.json names).
 Text never produces special tokens: encode() treats "<|endoftext|>" in a document as ordinary
 characters, so only prepare.py decides where documents end.
+A fourth, mask_token, is what an encoder's masked language modelling hides tokens behind
+(prepare.py --mask_token): the id after the tokenizer's last, recorded in meta.json's tokenizer
+entry, decoded as "[MASK]", and written only by encode_with_masks (sample.py's cloze prompts).
 
 BPE trainer design choices:
 - Byte-level: the 256 byte values are ids 0..255, so any UTF-8 text round-trips exactly.
@@ -57,9 +60,24 @@ from pathlib import Path
 from common import ArgumentParser, UserError, read_meta, run_cli
 
 
+MASK_TEXT = "[MASK]"
+
+
+def _split_at(ids, token):
+    """ids cut at every `token`: the runs between them, in order (one more run than tokens)."""
+    runs, run = [], []
+    for i in ids:
+        if i == token:
+            runs.append(run)
+            run = []
+        else:
+            run.append(i)
+    return runs + [run]
+
+
 class CharTokenizer:
     kind = "char"
-    eot_token = bos_token = None
+    eot_token = bos_token = mask_token = None
     stop_tokens = ()
 
     def __init__(self, chars):
@@ -83,18 +101,19 @@ class CharTokenizer:
                                  f"use only characters of the training corpus") from None
 
     def decode(self, ids):
-        return "".join(self.chars[i] for i in ids)
+        return "".join(MASK_TEXT if i == self.mask_token else self.chars[i] for i in ids)
 
     def decode_bytes(self, ids):
         return self.decode(ids).encode("utf-8")
 
     def meta(self):
-        return {"kind": self.kind, "chars": self.chars}
+        return with_mask_entry(self, {"kind": self.kind, "chars": self.chars})
 
 
 class TiktokenTokenizer:
     """A tiktoken.Encoding behind the common surface (GPT-2's BPE, one trained here, or a Hugging
     Face model's). Without bos or stop given, end-of-text is both."""
+    mask_token = None
 
     def __init__(self, enc, kind, meta_extra=None, eot=None, bos=None, stop=None):
         self.enc = enc
@@ -114,13 +133,40 @@ class TiktokenTokenizer:
         return self.enc.encode_ordinary_batch(texts, num_threads=num_threads)
 
     def decode(self, ids):
-        return self.enc.decode(list(ids))
+        return self.decode_bytes(ids).decode("utf-8", errors="replace")
 
     def decode_bytes(self, ids):
-        return self.enc.decode_bytes(list(ids))
+        if self.mask_token is None:
+            return self.enc.decode_bytes(list(ids))
+        return MASK_TEXT.encode().join(self.enc.decode_bytes(run) for run in _split_at(ids, self.mask_token))
 
     def meta(self):
-        return {"kind": self.kind, **self._meta_extra}
+        return with_mask_entry(self, {"kind": self.kind, **self._meta_extra})
+
+
+def add_mask_token(tok):
+    """Give tok a mask token (masked language modelling): the id after its last one, which no text
+    encodes to. A tokenizer that has one keeps it."""
+    if tok.mask_token is None:
+        tok.mask_token = tok.vocab_size
+        tok.vocab_size += 1
+    return tok
+
+
+def with_mask_entry(tok, meta):
+    """A tokenizer's meta() entry, with its mask token's id when it has one."""
+    return meta if tok.mask_token is None else {**meta, "mask_token": tok.mask_token}
+
+
+def encode_with_masks(tok, text):
+    """encode(text) with every "[MASK]" in it turned into the mask token: a cloze prompt."""
+    if tok.mask_token is None:
+        raise UserError("this tokenizer has no mask token; an encoder's dataset is prepared with --mask_token")
+    pieces = text.split(MASK_TEXT)
+    ids = tok.encode(pieces[0])
+    for piece in pieces[1:]:
+        ids += [tok.mask_token] + tok.encode(piece)
+    return ids
 
 
 def gpt2_tokenizer():
@@ -136,6 +182,16 @@ def gpt2_tokenizer():
 
 def load_tokenizer(meta, data_dir=None):
     """Rebuild the tokenizer described by meta.json's "tokenizer" entry."""
+    tok = _load_base_tokenizer(meta, data_dir)
+    if meta.get("mask_token") is not None:
+        add_mask_token(tok)
+        if tok.mask_token != meta["mask_token"]:
+            raise UserError(f"meta.json's mask_token is {meta['mask_token']}, but the tokenizer's next free id is "
+                            f"{tok.mask_token}; re-run prepare.py")
+    return tok
+
+
+def _load_base_tokenizer(meta, data_dir):
     kind = meta.get("kind")
     if kind == "char":
         return CharTokenizer(meta["chars"])
@@ -157,13 +213,13 @@ GPT2_VOCAB_SIZE = 50257
 def vocab_size_of(meta, data_dir=None):
     """The number of token ids the tokenizer that meta.json's "tokenizer" entry describes has, read off
     without loading it where that can be done (GPT-2's needs no download for this)."""
-    kind = meta.get("kind")
+    kind, mask = meta.get("kind"), int(meta.get("mask_token") is not None)
     if kind == "char":
-        return len(meta.get("chars", ""))
+        return len(meta.get("chars", "")) + mask
     if kind == "gpt2":
-        return GPT2_VOCAB_SIZE
+        return GPT2_VOCAB_SIZE + mask
     if kind == "bpe" and data_dir is not None:
-        return load_bpe(Path(data_dir) / meta.get("file", BPE_FILE)).n_vocab
+        return load_bpe(Path(data_dir) / meta.get("file", BPE_FILE)).n_vocab + mask
     return load_tokenizer(meta, data_dir).vocab_size
 
 

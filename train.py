@@ -28,6 +28,7 @@ in checkpoint.py.
 """
 import contextlib
 import functools
+import hashlib
 import json
 import math
 import os
@@ -66,6 +67,7 @@ class TrainConfig:
     eval_interval: int = 250              # evaluate train/val loss every this many iterations
     eval_iters: int = 20                  # batches per split in each evaluation
     eval_only: bool = False               # evaluate once and exit
+    eval_at_start: bool = True            # evaluate the starting model too (a speedrun, whose clock counts evaluations, skips it)
     eval_tasks: str = ""                  # also at every evaluation, eval.py's benchmarks: cloze | mc | hellaswag, logged as TASK/acc
     eval_examples: int = 200              # questions per eval_tasks benchmark, the same ones at every evaluation
     eval_mc_file: str = ""                # the {"context", "choices", "label"} JSONL that eval_tasks=mc reads
@@ -81,6 +83,8 @@ class TrainConfig:
     # data
     dataset: str = "shakespeare_char"     # a folder under data/ made by prepare.py, or a path to one
     batch_size: int = 12                  # sequences per micro-batch (per process)
+    objective: str = "clm"                # clm: predict each next token | mlm: BERT's masked tokens (an encoder, causal=False)
+    mlm_prob: float = 0.15                # mlm: share of positions chosen (80% masked, 10% a random token, 10% kept)
     gradient_accumulation_steps: int = 1  # micro-batches per optimizer step, summed over all processes
     # optimizer: AdamW
     learning_rate: float = 6e-4           # peak learning rate
@@ -216,19 +220,41 @@ def check_data_length(data_dir, meta, block_size):
                              f"lower block_size or use more data")
 
 
+def mlm_corrupt(x, mask_id, prob, generator):
+    """BERT's cloze task on token ids x (B, T): each position is chosen with probability prob (at least
+    one a row, or a short batch could have no loss); a chosen token becomes mask_id 80% of the time,
+    a random token 10% (ids below mask_id, the tokenizer's own) and stays itself 10%, so the model
+    cannot learn that only [MASK] needs predicting. Returns (inputs, targets): targets are x where
+    chosen, -1 (no loss) elsewhere."""
+    B, T = x.shape
+    chosen = torch.rand(B, T, generator=generator) < prob
+    none = ~chosen.any(dim=1)
+    chosen[none.nonzero()[:, 0], torch.randint(T, (int(none.sum()),), generator=generator)] = True
+    u = torch.rand(B, T, generator=generator)
+    inputs = x.clone()
+    inputs[chosen & (u < 0.8)] = mask_id
+    swap = chosen & (u >= 0.8) & (u < 0.9)
+    inputs[swap] = torch.randint(mask_id, (int(swap.sum()),), generator=generator)
+    return inputs, x.masked_fill(~chosen, -1)
+
+
 class Batches:
-    """Random (x, y) windows of block_size tokens from a token .bin, y shifted by one.
+    """Random (x, y) windows of block_size tokens from a token .bin, y shifted by one; with mlm
+    (mask_id, prob), x masked and y the hidden tokens (mlm_corrupt).
 
     A torch.Generator with a fixed seed draws the start positions, the same on every process, so
     a run split over N processes sees exactly the batches of a 1-process run; each process takes
-    its own share of the micro-batches of a step.
+    its own share of the micro-batches of a step. The masks are a function of a micro-batch's
+    starts and the seed, so they too are the same on every process, on a resume, and at every
+    evaluation of the same batches.
     """
 
-    def __init__(self, path, dtype, block_size, batch_size, device, seed):
+    def __init__(self, path, dtype, block_size, batch_size, device, seed, mlm=None):
         self.data = np.memmap(path, dtype=dtype, mode="r")
         self.block_size, self.batch_size, self.device = block_size, batch_size, device
         self.offsets = np.arange(block_size + 1)
         self.generator = torch.Generator().manual_seed(seed)
+        self.seed, self.mlm = seed, mlm
 
     def draw(self, n):
         """Start positions for n micro-batches: (n, batch_size)."""
@@ -239,6 +265,10 @@ class Batches:
         """The (x, y) pair for one micro-batch of start positions."""
         xy = torch.from_numpy(self.data[starts[:, None] + self.offsets].astype(np.int64))  # (B, T+1)
         x, y = xy[:, :-1], xy[:, 1:]
+        if self.mlm is not None:
+            digest = hashlib.blake2b(np.ascontiguousarray(starts, dtype=np.int64).tobytes() +
+                                     self.seed.to_bytes(8, "little", signed=True), digest_size=8).digest()
+            x, y = mlm_corrupt(x, *self.mlm, torch.Generator().manual_seed(int.from_bytes(digest, "little") >> 1))
         if self.device.startswith("cuda"):
             return x.pin_memory().to(self.device, non_blocking=True), y.pin_memory().to(self.device, non_blocking=True)
         return x.to(self.device), y.to(self.device)
@@ -257,8 +287,8 @@ RANGES = [("batch_size", 1, False), ("gradient_accumulation_steps", 1, False), (
           ("label_smoothing", 0, False), ("z_loss", 0, False), ("max_z_loss", 0, False), ("dropout", 0, False), ("muon_lr", 0, True), ("keep_checkpoints", 0, False),
           ("eval_examples", 1, False), ("grpo_group", 1, False), ("grpo_clip", 0, True), ("grpo_updates", 1, False),
           ("kl_beta", 0, False), ("rl_temperature", 0, True), ("rl_max_new_tokens", 1, False)]
-CHOICES = {"nan_policy": ("stop", "skip"), "parallel": ("ddp", "fsdp"), "optimizer": ("adamw", "muon"),
-           "lr_schedule": ("cosine", "wsd"), "trainable": ("all", "last_blocks", "lora")}
+CHOICES = {"objective": ("clm", "mlm"), "nan_policy": ("stop", "skip"), "parallel": ("ddp", "fsdp"),
+           "optimizer": ("adamw", "muon"), "lr_schedule": ("cosine", "wsd"), "trainable": ("all", "last_blocks", "lora")}
 
 
 def check_values(cfg):
@@ -266,6 +296,8 @@ def check_values(cfg):
     for key, low, excluded in RANGES:
         if cfg[key] < low or (excluded and cfg[key] == low):
             raise UserError(f"{key} must be {'>' if excluded else '>='} {low}, got {cfg[key]}")
+    if not 0 < cfg["mlm_prob"] < 1:
+        raise UserError(f"mlm_prob must be between 0 and 1, got {cfg['mlm_prob']}")
     for key in ("label_smoothing", "dropout"):
         if cfg[key] >= 1:
             raise UserError(f"{key} must be below 1, got {cfg[key]}")
@@ -343,6 +375,30 @@ def task_facts(cfg, meta, world):
     names = list(meta["label_names"])
     return {"task": task, "n_classes": len(names), "label_names": names,
             "positive_id": names.index(meta["positive_class"])}
+
+
+def check_objective(cfg, task, config, meta):
+    """An encoder (causal=False) learns by masked language modelling and fine-tunes to classify; a
+    decoder learns by next-token prediction. Refuses the pairings that would train on nonsense."""
+    encoder = not config.causal
+    if cfg["objective"] == "mlm" and task != "lm":
+        raise UserError(f"objective=mlm trains on a language-model dataset, not a {task} one; an encoder "
+                        f"fine-tunes on classify data with objective=clm (the default)")
+    if task == "lm" and cfg["objective"] == "mlm" and not encoder:
+        raise UserError("objective=mlm trains an encoder: set causal=False (a causal model cannot see the "
+                        "tokens after a mask)")
+    if task == "lm" and encoder and cfg["objective"] != "mlm":
+        raise UserError("an encoder (causal=False) sees every next token, so next-token prediction would teach "
+                        "it to copy; set objective=mlm")
+    if encoder and task not in ("lm", "classify"):
+        raise UserError(f"an encoder (causal=False) does not generate, so it cannot train on {task} data; "
+                        f"fine-tune it on a classify dataset")
+    if cfg["objective"] == "mlm" and meta["tokenizer"].get("mask_token") is None:
+        raise UserError(f"dataset {cfg['dataset']!r} has no mask token; prepare it again with --mask_token")
+    if encoder and (cfg["cls_lm_weight"] or cfg["eval_tasks"] or meta.get("rl_task")):
+        what = ("cls_lm_weight" if cfg["cls_lm_weight"] else "eval_tasks" if cfg["eval_tasks"]
+                else "a task corpus's accuracy")
+        raise UserError(f"{what} scores next tokens, which an encoder (causal=False) can see; drop it")
 
 
 # -----------------------------------------------------------------------------------------------
@@ -494,6 +550,7 @@ class Run:
         torch.manual_seed(cfg["seed"])  # the same initial weights on every process
         n_classes = self.facts.get("n_classes", cfg["n_classes"])
         model, ckpt = build_model(cfg, explicit, self.meta, n_classes)
+        check_objective(cfg, self.task, model.config, self.meta)
         self.changed = resume_changes(cfg, explicit, ckpt, self.meta) if self.resuming else []
         if ckpt is not None and not self.resuming:
             check_same_vocabulary(ckpt, self.meta, cfg["dataset"])
@@ -544,10 +601,13 @@ class Run:
             self.open_rollouts()
             return
         if self.task == "lm":
+            mlm = (self.meta["tokenizer"]["mask_token"], cfg["mlm_prob"]) if cfg["objective"] == "mlm" else None
             self.splits = {s: Batches(os.path.join(self.data_dir, f"{s}.bin"), self.meta["dtype"], block_size,
-                                      cfg["batch_size"], self.rt.device, cfg["seed"] + (0 if s == "train" else 1))
+                                      cfg["batch_size"], self.rt.device, cfg["seed"] + (0 if s == "train" else 1),
+                                      mlm)
                            for s in ("train", "val")}
-            self.token_bytes = self.open_token_bytes()
+            if mlm is None:  # bits per byte of a few hidden tokens would not compare with a decoder's
+                self.token_bytes = self.open_token_bytes()
             if self.meta.get("rl_task"):  # a task's corpus (prepare.py arithmetic): the log shows its accuracy too
                 from rewards import make_task
                 from tokenizer import dataset_tokenizer
@@ -696,6 +756,8 @@ class Run:
             return True
         # a resumed run whose checkpoint was taken at an evaluation does not repeat it
         just_resumed = self.resuming and self.iter_num == self.start_iter and self.resumed_evaluated
+        if self.iter_num == 0 and not cfg["eval_at_start"] and cfg["max_iters"] > 0:
+            return False
         return (self.iter_num % cfg["eval_interval"] == 0 or self.iter_num >= cfg["max_iters"]) and not just_resumed
 
     def open_token_bytes(self):

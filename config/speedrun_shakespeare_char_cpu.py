@@ -5,7 +5,8 @@
 # Benchmarks section for what each one buys).
 out_dir = "out-speedrun-char-cpu"
 dataset = "shakespeare_char"
-eval_interval = 300   # evaluate once, at the end: evaluation time counts in a speedrun
+eval_interval = 210   # evaluate once, at the end: evaluation time counts in a speedrun
+eval_at_start = False # nor the untrained model
 eval_iters = 20
 log_interval = 50
 
@@ -22,15 +23,17 @@ norm = "rmsnorm"      # RMSNorm instead of LayerNorm
 mlp = "relu2"         # squared ReLU
 qk_norm = True        # RMS-normalised queries and keys
 zero_init_proj = True # every block starts as the identity
+attn_window = 4       # sliding-window attention: a query sees itself and the 3 keys before it,
+attn_window_pattern = "SSSL"  # on three layers of four; the last layer sees the whole block
 
 optimizer = "muon"    # Muon for the block matrices, AdamW for embeddings, head and gains
 muon_lr = 0.03
 learning_rate = 3e-3  # AdamW's part
 weight_decay = 0.0
-max_iters = 300
+max_iters = 210
 lr_schedule = "wsd"   # warmup, stable, then a linear warm-down to zero
 warmup_iters = 20
-warmdown_iters = 120
+warmdown_iters = 105  # half of the run
 min_lr = 0.0
 
 device = "cpu"

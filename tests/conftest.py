@@ -213,6 +213,19 @@ def children(pid):
     return kids
 
 
+def write_sms(path, n=300, seed=0):
+    """A small spam-like TSV with a header: spam mentions prizes, ham talks about the day."""
+    rng = random.Random(seed)
+    ham = "see you at home later ok i am going to eat now call me when you are free".split()
+    spam = "win free prize cash claim now txt urgent award call".split()
+    lines = ["Label\tSMS"]
+    for i in range(n):
+        is_spam = i % 5 == 0
+        words = spam if is_spam else ham
+        lines.append(("spam" if is_spam else "ham") + "\t" + " ".join(rng.choice(words) for _ in range(rng.randint(3, 12))))
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
 def write_alpaca(path, n=40):
     """n Alpaca-style records a tiny model can learn: repeat a numbered word."""
     records = [{"instruction": f"Repeat the word number {i}.", "input": "" if i % 2 else f"word{i}",

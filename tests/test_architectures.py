@@ -164,11 +164,25 @@ def test_bad_switch_values_are_refused_by_name(kw, message):
         GPTConfig(**TINY, **kw)
 
 
+def test_value_embeddings_add_a_table_per_layer_that_changes_the_values_and_nothing_else():
+    plain, ve = tiny(), tiny(value_embeds=True)
+    assert [n for n in ve.state_dict() if n not in plain.state_dict()] == [f"transformer.ve.{i}.weight" for i in range(2)]
+    assert ve.transformer.ve[0].weight.shape == (29, 32)  # vocab x (n_kv_head * head_dim)
+    ve.load_state_dict({**plain.state_dict(), **{f"transformer.ve.{i}.weight": torch.zeros(29, 32) for i in range(2)}})
+    idx = torch.randint(0, 29, (2, 10))
+    torch.testing.assert_close(ve(idx)[0], plain(idx)[0])  # zero tables: the plain model
+    with torch.no_grad():
+        ve.transformer.ve[1].weight[idx[0, 3]] += 1.0
+    changed = ve(idx)[0]
+    assert torch.allclose(changed[:, :3], plain(idx)[0][:, :3], atol=1e-6)  # causal: earlier positions see no change
+    assert not torch.allclose(changed[0, 3:], plain(idx)[0][0, 3:], atol=1e-4)
+
+
 def test_a_checkpoint_config_from_before_the_switches_builds_todays_model():
     old = {k: v for k, v in asdict(GPTConfig(**TINY)).items()
-           if k not in ("attn_window", "attn_window_pattern", "norm_head", "logit_softcap")}
+           if k not in ("attn_window", "attn_window_pattern", "norm_head", "logit_softcap", "causal", "value_embeds")}
     config = GPTConfig.from_dict(old)
-    assert (config.attn_window, config.norm_head, config.logit_softcap) == (0, False, 0.0)
+    assert (config.attn_window, config.norm_head, config.logit_softcap, config.causal) == (0, False, 0.0, True)
     torch.manual_seed(0)
     a = GPT(GPTConfig(**TINY)).eval()
     b = GPT(config).eval()

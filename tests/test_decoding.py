@@ -17,7 +17,7 @@ FAMILIES = {
                       tie_embeddings=False),
     "llama_qknorm_mqa": dict(positions="rope", norm="rmsnorm", mlp="swiglu", n_kv_head=1, qk_norm=True),
     "alibi": dict(positions="alibi", norm_head=True, logit_softcap=5.0),
-    "window_sl": dict(positions="rope", attn_window=4, attn_window_pattern="SL", n_kv_head=2),
+    "window_sl": dict(positions="rope", attn_window=4, attn_window_pattern="SL", n_kv_head=2, value_embeds=True),
     "alibi_window": dict(positions="alibi", attn_window=3),
 }
 BLOCK = 16

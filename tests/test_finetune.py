@@ -1,6 +1,5 @@
 """Fine-tuning: classification, instruction data, LoRA, label smoothing (tasks.py, model.py, train.py)."""
 import json
-import random
 
 import numpy as np
 import pytest
@@ -8,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import tasks
-from conftest import SHARED, TINY_MODEL, CountingForward, one_line_error, read_metrics, run_main, write_alpaca
+from conftest import SHARED, TINY_MODEL, CountingForward, one_line_error, read_metrics, run_main, write_alpaca, write_sms
 from model import GPT, GPTConfig
 from train import adapt_model
 
@@ -16,19 +15,6 @@ from train import adapt_model
 def tiny(**kw):
     torch.manual_seed(0)
     return GPT(GPTConfig(block_size=24, vocab_size=40, n_layer=2, n_head=2, n_embd=16, **kw)).eval()
-
-
-def write_sms(path, n=300, seed=0):
-    """A small spam-like TSV with a header: spam mentions prizes, ham talks about the day."""
-    rng = random.Random(seed)
-    ham = "see you at home later ok i am going to eat now call me when you are free".split()
-    spam = "win free prize cash claim now txt urgent award call".split()
-    lines = ["Label\tSMS"]
-    for i in range(n):
-        is_spam = i % 5 == 0
-        words = spam if is_spam else ham
-        lines.append(("spam" if is_spam else "ham") + "\t" + " ".join(rng.choice(words) for _ in range(rng.randint(3, 12))))
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
 # ------------------------------------------------------------------------------------------- model

@@ -178,7 +178,9 @@ def test_export_command_writes_a_folder_and_refuses_what_hf_cannot_hold(tmp_path
                           (dict(positions="alibi"), "positions=alibi cannot be written"),
                           (dict(norm_head=True), "norm_head=True cannot be written"),
                           (dict(OURS["llama-gqa-untied"], logit_softcap=30.0), "logit_softcap=30.0 cannot be written"),
-                          (dict(OURS["llama-gqa-untied"], attn_window=4), "attn_window=4 cannot be written")]:
+                          (dict(OURS["llama-gqa-untied"], attn_window=4), "attn_window=4 cannot be written"),
+                          (dict(value_embeds=True), "value_embeds=True cannot be written"),
+                          (dict(causal=False), "causal=False cannot be written")]:
         save_ours(arch, tmp_path / "bad.pt")
         one_line_error(run_main("hf.py", "export", "--ckpt", tmp_path / "bad.pt", "--out", tmp_path / "bad",
                                 cwd=tmp_path, check=False), message)

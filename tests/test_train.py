@@ -32,6 +32,14 @@ def test_resume_continues_from_the_saved_iteration(workdir):
     assert "iter 25" in result.stdout
 
 
+def test_eval_at_start_false_skips_only_the_evaluation_of_the_untrained_model(workdir):
+    train(workdir, "--out_dir=out", "--max_iters=20", "--eval_interval=10", "--eval_at_start=False")
+    assert [r["iter"] for r in evals(workdir / "out")] == [10, 20]
+    assert torch.load(workdir / "out" / "ckpt.pt", weights_only=True)["iter_num"] == 20
+    train(workdir, "--out_dir=once", "--max_iters=0", "--eval_at_start=False")  # nothing to train: still measured
+    assert [r["iter"] for r in evals(workdir / "once")] == [0]
+
+
 def test_the_settings_are_saved_as_given_with_the_architecture_actually_trained(workdir):
     train(workdir, "--out_dir=out", "--max_iters=2", "--eval_interval=2", "--n_kv_head=0")
     config = torch.load(workdir / "out" / "ckpt.pt", weights_only=True)["config"]
