@@ -151,7 +151,8 @@ def family(c):
                         "(neither has ALiBi)")
     if c["qk_norm"]:
         raise refuse("qk_norm")
-    for key, off in (("causal", True), ("value_embeds", False), ("norm_head", False), ("logit_softcap", 0.0), ("attn_window", 0)):
+    for key, off in (("causal", True), ("value_embeds", False), ("norm_head", False), ("logit_softcap", 0.0),
+                     ("attn_window", 0)):
         if c.get(key, off) != off:  # older checkpoints lack these keys
             raise refuse(f"{key}={c[key]}")
     if c["positions"] == "learned":

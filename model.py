@@ -241,11 +241,11 @@ def explicit_attention(q, k, v, dropout, mask=None, causal=True):
     every query sees every key (an encoder)."""
     T, S = q.size(-2), k.size(-2)
     att = (q @ k.transpose(-2, -1)) / math.sqrt(q.size(-1))  # (B, H, T, S)
-    if mask is None:
-        mask = causal_mask(T, S, q.device) if causal else torch.ones(1, 1, T, S, dtype=torch.bool, device=q.device)
-    if mask.dtype == torch.bool:
+    if mask is None and causal:
+        mask = causal_mask(T, S, q.device)
+    if mask is not None and mask.dtype == torch.bool:  # None here: an encoder without padding sees everything
         att = att.masked_fill(~mask, float("-inf"))
-    else:
+    elif mask is not None:
         att = att + mask.to(att.dtype)
     att = F.softmax(att, dim=-1)
     att = dropout(att)

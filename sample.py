@@ -238,10 +238,10 @@ def print_labels(model, tokenizer, cfg, ckpt, device):
 
 
 @torch.no_grad()
-def fill_masks(model, ids, mask_token, k):
+def fill_masks(model, ids, mask_token, k, device):
     """An encoder's k best guesses at each masked position of ids, in one forward pass:
     [(position, [(token, probability)] * k)]."""
-    x = torch.tensor(ids, dtype=torch.long, device=model.lm_head.weight.device)[None, :]  # (1, T)
+    x = torch.tensor(ids, dtype=torch.long, device=device)[None, :]  # (1, T)
     logits, _ = model(x)
     probs = torch.softmax(logits[0].float(), dim=-1)  # (T, vocab)
     out = []
@@ -260,7 +260,7 @@ def print_fills(model, tokenizer, cfg, device):
                         f"e.g. --start=\"To be, or not to {MASK_TEXT}\"")
     if len(ids) > model.config.block_size:
         raise UserError(f"the prompt has {len(ids)} tokens; the encoder reads at most {model.config.block_size}")
-    fills = fill_masks(model, ids, tokenizer.mask_token, min(cfg["top_k"], 10))
+    fills = fill_masks(model, ids, tokenizer.mask_token, min(cfg["top_k"], 10), device)
     filled = list(ids)
     for pos, candidates in fills:
         filled[pos] = candidates[0][0]
