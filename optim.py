@@ -11,7 +11,7 @@ Design choices:
 - Several optimizers step as one (Optimizers), so the loop, the grad scaler and the checkpoint see one.
 - The schedule: linear warmup, then a cosine down to min_lr at lr_decay_iters (0: max_iters), or WSD
   (flat, then a linear warm-down over the last warmdown_iters). Every group follows it scaled from its
-  own peak (Muon's differs from AdamW's).
+  own peak (Muon's differs from AdamW's; embedding_lr gives the token embedding a peak of its own).
 """
 import math
 
@@ -110,6 +110,13 @@ def make_optimizer(model, cfg, device_type):
     """AdamW with weight decay on matrices (linear weights, embeddings) only, not on biases and norms;
     or, with optimizer=muon, Muon for the matrices inside the blocks and AdamW for everything else."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    # with embedding_lr set, the token embedding has a group of its own (older checkpoints hold one fewer)
+    embedding = [p for n, p in named if n == "transformer.wte.weight" and cfg["embedding_lr"]]
+    named = [(n, p) for n, p in named if not (embedding and n == "transformer.wte.weight")]
+
+    def embedding_group(decay):
+        return [{"params": embedding, "weight_decay": decay, "base_lr": cfg["embedding_lr"]}] if embedding else []
+
     if cfg["optimizer"] == "muon":
         hidden = [p for n, p in named if p.dim() == 2 and n.startswith("transformer.h.")]
         rest = [(n, p) for n, p in named if not (p.dim() == 2 and n.startswith("transformer.h."))]
@@ -120,12 +127,12 @@ def make_optimizer(model, cfg, device_type):
         muon = muon_cls([{"params": hidden, "base_lr": cfg["muon_lr"]}], **muon_kwargs)
         groups = [{"params": [p for _, p in rest if p.dim() >= 2], "weight_decay": 0.0},
                   {"params": [p for _, p in rest if p.dim() < 2], "weight_decay": 0.0}]
-        return Optimizers(muon, adamw(groups, cfg, device_type))
+        return Optimizers(muon, adamw(groups + embedding_group(0.0), cfg, device_type))
     if cfg["optimizer"] != "adamw":
         raise UserError(f"optimizer={cfg['optimizer']!r} is not one of adamw, muon")
     groups = [{"params": [p for _, p in named if p.dim() >= 2], "weight_decay": cfg["weight_decay"]},
               {"params": [p for _, p in named if p.dim() < 2], "weight_decay": 0.0}]
-    return adamw(groups, cfg, device_type)
+    return adamw(groups + embedding_group(cfg["weight_decay"]), cfg, device_type)
 
 
 def set_lr(optimizer, lr, cfg):

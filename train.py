@@ -88,6 +88,7 @@ class TrainConfig:
     gradient_accumulation_steps: int = 1  # micro-batches per optimizer step, summed over all processes
     # optimizer: AdamW
     learning_rate: float = 6e-4           # peak learning rate
+    embedding_lr: float = 0.0             # peak learning rate of the token embedding (and a head tied to it); 0: learning_rate
     max_iters: int = 5000                 # optimizer steps in the whole run
     weight_decay: float = 0.1             # AdamW decay of weight matrices and embeddings (none on biases, norm gains)
     beta1: float = 0.9                    # AdamW beta1

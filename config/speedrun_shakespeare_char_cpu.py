@@ -23,7 +23,7 @@ norm = "rmsnorm"      # RMSNorm instead of LayerNorm
 mlp = "relu2"         # squared ReLU
 qk_norm = True        # RMS-normalised queries and keys
 zero_init_proj = True # every block starts as the identity
-attn_window = 4       # sliding-window attention: a query sees itself and the 3 keys before it,
+attn_window = 3       # sliding-window attention: a query sees itself and the 2 keys before it,
 attn_window_pattern = "SSSL"  # on three layers of four; the last layer sees the whole block
 
 optimizer = "muon"    # Muon for the block matrices, AdamW for embeddings, head and gains
@@ -33,7 +33,7 @@ weight_decay = 0.0
 max_iters = 210
 lr_schedule = "wsd"   # warmup, stable, then a linear warm-down to zero
 warmup_iters = 20
-warmdown_iters = 105  # half of the run
+warmdown_iters = 140  # two thirds of the run
 min_lr = 0.0
 
 device = "cpu"

@@ -146,6 +146,25 @@ def test_muon_trains_the_block_matrices_and_lowers_the_loss(workdir):
     assert records[-1]["val/loss"] < records[0]["val/loss"] - 0.5
 
 
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_embedding_lr_gives_the_token_embedding_its_own_peak_and_leaves_the_rest(optimizer):
+    from model import GPT, GPTConfig
+    from optim import make_optimizer, set_lr
+    from train import TrainConfig
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=50))
+    cfg = dict(asdict(TrainConfig()), optimizer=optimizer, learning_rate=1e-3, muon_lr=0.02)
+    default = make_optimizer(model, cfg, "cpu")
+    own = make_optimizer(model, dict(cfg, embedding_lr=5e-3), "cpu")
+    wte = model.transformer.wte.weight
+    assert len(own.param_groups) == len(default.param_groups) + 1  # older checkpoints keep their groups
+    for opt in (default, own):
+        set_lr(opt, 0.5e-3, dict(cfg, embedding_lr=5e-3) if opt is own else cfg)  # half-way down the schedule
+    lr_of = lambda opt: {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
+    assert lr_of(default)[id(wte)] == pytest.approx(0.5e-3) and lr_of(own)[id(wte)] == pytest.approx(2.5e-3)
+    assert {k: v for k, v in lr_of(own).items() if k != id(wte)} == {
+        k: v for k, v in lr_of(default).items() if k != id(wte)}
+
+
 def test_float32_muon_takes_the_steps_of_torch_muon():
     from optim import MuonFloat32
     torch.manual_seed(0)
