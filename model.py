@@ -234,11 +234,11 @@ def causal_mask(T, S, device):
     return torch.ones(T, S, dtype=torch.bool, device=device).tril(diagonal=S - T)[None, None]
 
 
-def explicit_attention(q, k, v, dropout, mask=None, causal=True):
-    """softmax(Q K^T / sqrt(d) + M) V with M = -inf above the diagonal: the textbook formula.
-    mask (B | 1, 1 | H, T, S) replaces the causal mask when given: bool, True where a query may look,
-    or float, added to the scores (ALiBi's distances, -inf where hidden). causal=False and no mask:
-    every query sees every key (an encoder)."""
+def attention_weights(q, k, mask=None, causal=True):
+    """softmax(Q K^T / sqrt(d) + M) (B, H, T, S), each row summing to 1, with M = -inf above the
+    diagonal: the textbook formula. mask (B | 1, 1 | H, T, S) replaces the causal mask when given:
+    bool, True where a query may look, or float, added to the scores (ALiBi's distances, -inf where
+    hidden). causal=False and no mask: every query sees every key (an encoder)."""
     T, S = q.size(-2), k.size(-2)
     att = (q @ k.transpose(-2, -1)) / math.sqrt(q.size(-1))  # (B, H, T, S)
     if mask is None and causal:
@@ -247,9 +247,7 @@ def explicit_attention(q, k, v, dropout, mask=None, causal=True):
         att = att.masked_fill(~mask, float("-inf"))
     elif mask is not None:
         att = att + mask.to(att.dtype)
-    att = F.softmax(att, dim=-1)
-    att = dropout(att)
-    return att @ v  # (B, H, T, d)
+    return F.softmax(att, dim=-1)
 
 
 def z_losses(logits, targets):
@@ -283,6 +281,7 @@ class CausalSelfAttention(nn.Module):
         self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
         self.impl, self.rope, self.dropout = config.attn_impl, config.positions == "rope", config.dropout
         self.causal = config.causal
+        self.keep_weights, self.weights = False, None  # the explicit path's last weights, for pictures
         # q, k and v for all heads in one matrix: n_head query heads, n_kv_head key and value heads
         qkv_dim = (config.n_head + 2 * config.n_kv_head) * config.head_dim
         self.c_attn = nn.Linear(config.n_embd, qkv_dim, bias=config.bias)
@@ -328,7 +327,10 @@ class CausalSelfAttention(nn.Module):
         else:
             # each group of H/Hkv consecutive query heads shares one key/value head
             k, v = k.repeat_interleave(H // Hkv, dim=1), v.repeat_interleave(H // Hkv, dim=1)
-            y = explicit_attention(q, k, v, self.attn_dropout, mask, self.causal)
+            att = attention_weights(q, k, mask, self.causal)  # (B, H, T, S)
+            if self.keep_weights:  # GPT.attention_maps reads them
+                self.weights = att.detach()
+            y = self.attn_dropout(att) @ v
         y = y.transpose(1, 2).contiguous().view(B, T, H * d)  # re-assemble heads side by side
         return self.resid_dropout(self.c_proj(y))
 
@@ -517,6 +519,21 @@ class GPT(nn.Module):
         if cache is not None:
             cache.advance(T)
         return self.transformer.ln_f(x)
+
+    @torch.no_grad()
+    def attention_maps(self, idx):
+        """idx (B, T) -> one (B, H, T, T) tensor per layer: the attention weights that the explicit path
+        computes (the fused path's numbers, which it does not expose), for pictures (visualize.py)."""
+        layers = [block.attn for block in self.transformer.h]
+        impls = [a.impl for a in layers]
+        for a in layers:
+            a.impl, a.keep_weights = "explicit", True
+        try:
+            self.hidden_states(idx)
+            return [a.weights for a in layers]
+        finally:
+            for a, impl in zip(layers, impls):
+                a.impl, a.keep_weights, a.weights = impl, False, None
 
     def attention_masks(self, T, cache=None, lengths=None):
         """The masks of the full and of the windowed layers for the next T tokens: None (plain causal,

@@ -32,6 +32,23 @@ TINY_MODEL = ["--dataset=tiny", "--n_layer=2", "--n_head=2", "--n_embd=32", "--b
               "--log_interval=5", "--learning_rate=3e-3", "--warmup_iters=5", "--min_lr=3e-4"]
 
 
+# the shape of the models that tests build in memory (lively_gpt), not trained
+LIVELY = dict(block_size=24, vocab_size=29, n_layer=2, n_head=4, n_embd=32)
+
+
+def lively_gpt(**kw):
+    """A GPT of the LIVELY shape (kw override it) in eval mode, with weights large enough (N(0, 0.2)) that
+    positions and tokens visibly matter; the same weights on every call."""
+    from model import GPT, GPTConfig
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**{**LIVELY, **kw})).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.2)
+    return model
+
+
 class Result:
     """What a finished script left: its exit code and everything it printed."""
 

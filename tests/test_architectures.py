@@ -7,21 +7,9 @@ from dataclasses import asdict
 import pytest
 import torch
 
-from conftest import copy_run, one_line_error, run_main
+from conftest import LIVELY, copy_run, lively_gpt, one_line_error, run_main
 from decoding import KVCache, generate_batch
 from model import GPT, GPTConfig, alibi_slopes, attention_bias, causal_mask, z_losses
-
-TINY = dict(block_size=24, vocab_size=29, n_layer=2, n_head=4, n_embd=32)
-
-
-def tiny(**kw):
-    torch.manual_seed(0)
-    model = GPT(GPTConfig(**{**TINY, **kw})).eval()
-    with torch.no_grad():  # weights large enough that positions and tokens matter visibly
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.normal_(0, 0.2)
-    return model
 
 
 def test_alibi_slopes_for_8_and_12_heads_are_the_papers():
@@ -40,14 +28,14 @@ def test_alibi_adds_slope_times_distance_to_each_heads_scores():
 
 
 def test_alibi_has_no_position_table_and_its_attention_paths_agree():
-    fused, explicit = tiny(positions="alibi"), tiny(positions="alibi", attn_impl="explicit")
+    fused, explicit = lively_gpt(positions="alibi"), lively_gpt(positions="alibi", attn_impl="explicit")
     assert "wpe" not in fused.transformer and fused.state_dict().keys() == explicit.state_dict().keys()
     idx = torch.randint(0, 29, (3, 20))
     torch.testing.assert_close(fused(idx)[0], explicit(idx)[0], atol=1e-5, rtol=0)
 
 
 def test_alibi_cached_decoding_equals_a_full_forward():
-    model = tiny(positions="alibi")
+    model = lively_gpt(positions="alibi")
     seq = torch.randint(0, 29, (2, 20))
     cache = KVCache.for_model(model, batch_size=2)
     model(seq[:, :5], cache=cache)
@@ -59,7 +47,7 @@ def test_alibi_cached_decoding_equals_a_full_forward():
 @pytest.mark.parametrize("pattern", ["S", "SL"])
 def test_a_windowed_layer_cannot_see_a_key_w_positions_back(pattern):
     W = 4
-    model = tiny(attn_window=W, attn_window_pattern=pattern, n_layer=1, positions="rope")
+    model = lively_gpt(attn_window=W, attn_window_pattern=pattern, n_layer=1, positions="rope")
     idx = torch.randint(0, 29, (1, 20))
     changed = idx.clone()
     changed[0, 10] = (idx[0, 10] + 1) % 29
@@ -68,21 +56,21 @@ def test_a_windowed_layer_cannot_see_a_key_w_positions_back(pattern):
     assert not torch.allclose(a[10:10 + W], b[10:10 + W])  # positions 10..13 have token 10 in their window
     assert torch.equal(a[10 + W:], b[10 + W:])  # from position 14 on it is W back: out of the window
     # two windowed layers see twice as far back, less one
-    deep = tiny(attn_window=W, n_layer=2, positions="rope")
+    deep = lively_gpt(attn_window=W, n_layer=2, positions="rope")
     a, b = deep(idx)[0][0], deep(changed)[0][0]
     reach = 2 * (W - 1)
     assert not torch.allclose(a[10 + reach], b[10 + reach]) and torch.equal(a[10 + reach + 1:], b[10 + reach + 1:])
 
 
 def test_the_window_pattern_tiles_over_the_layers():
-    config = GPTConfig(**{**TINY, "n_layer": 6}, attn_window=8, attn_window_pattern="SSL")
+    config = GPTConfig(**{**LIVELY, "n_layer": 6}, attn_window=8, attn_window_pattern="SSL")
     assert [config.windowed(i) for i in range(6)] == [True, True, False, True, True, False]
-    assert not GPTConfig(**TINY).windowed(0)  # attn_window=0: every layer sees everything
+    assert not GPTConfig(**LIVELY).windowed(0)  # attn_window=0: every layer sees everything
 
 
 def test_a_windowed_layers_cache_stays_bounded_while_a_full_layers_grows():
     W = 5
-    model = tiny(attn_window=W, attn_window_pattern="SL", positions="alibi")
+    model = lively_gpt(attn_window=W, attn_window_pattern="SL", positions="alibi")
     cache = KVCache.for_model(model, batch_size=2)
     seq = torch.randint(0, 29, (2, 24))
     model(seq[:, :8], cache=cache)
@@ -96,27 +84,27 @@ def test_a_windowed_layers_cache_stays_bounded_while_a_full_layers_grows():
 
 
 def test_windowed_rows_of_different_lengths_decode_as_they_do_alone():
-    model = tiny(attn_window=3, positions="alibi", n_kv_head=2)
+    model = lively_gpt(attn_window=3, positions="alibi", n_kv_head=2)
     prompts = [[5], [1, 2, 3, 4, 5, 6, 7, 8, 9], [9, 8, 7]]
     together = generate_batch(model, prompts, 30, temperature=0)  # past block_size: the context slides
     assert together == [generate_batch(model, [p], 30, temperature=0)[0] for p in prompts]
 
 
 def test_norm_head_logits_do_not_change_when_a_head_row_is_scaled():
-    model = tiny(norm_head=True, tie_embeddings=False)
+    model = lively_gpt(norm_head=True, tie_embeddings=False)
     idx = torch.randint(0, 29, (2, 10))
     before = model(idx)[0]
     with torch.no_grad():
         model.lm_head.weight[7] *= 13.0
     torch.testing.assert_close(model(idx)[0], before, atol=1e-5, rtol=0)
-    plain = tiny(tie_embeddings=False)
+    plain = lively_gpt(tie_embeddings=False)
     with torch.no_grad():
         plain.lm_head.weight[7] *= 13.0
     assert not torch.allclose(plain(idx)[0][..., 7], before[..., 7])  # without NormHead they scale with it
 
 
 def test_norm_head_logits_are_cosines_times_the_hidden_norm():
-    model = tiny(norm_head=True, tie_embeddings=False)
+    model = lively_gpt(norm_head=True, tie_embeddings=False)
     h = model.hidden_states(torch.randint(0, 29, (1, 6)))  # (1, 6, C)
     w = model.lm_head.weight
     expected = torch.nn.functional.cosine_similarity(h[..., None, :], w, dim=-1) * h.norm(dim=-1, keepdim=True)
@@ -124,12 +112,12 @@ def test_norm_head_logits_are_cosines_times_the_hidden_norm():
 
 
 def test_soft_capped_logits_stay_within_the_cap():
-    model = tiny(logit_softcap=3.0)
+    model = lively_gpt(logit_softcap=3.0)
     with torch.no_grad():
         model.lm_head.weight.mul_(100.0)
     logits = model(torch.randint(0, 29, (2, 12)))[0]
     assert logits.abs().max() <= 3.0 and logits.abs().max() > 2.9
-    uncapped = tiny()
+    uncapped = lively_gpt()
     with torch.no_grad():
         uncapped.lm_head.weight.mul_(100.0)
     assert uncapped(torch.randint(0, 29, (2, 12)))[0].abs().max() > 10
@@ -145,7 +133,7 @@ def test_z_losses_on_hand_made_logits():
 
 
 def test_the_z_losses_add_to_the_cross_entropy_with_their_weights():
-    model = tiny()
+    model = lively_gpt()
     idx, targets = torch.randint(0, 29, (2, 10)), torch.randint(0, 29, (2, 10))
     logits, ce = model(idx, targets)
     z, max_z = z_losses(logits, targets)
@@ -161,11 +149,11 @@ def test_the_z_losses_add_to_the_cross_entropy_with_their_weights():
 ])
 def test_bad_switch_values_are_refused_by_name(kw, message):
     with pytest.raises(ValueError, match=message):
-        GPTConfig(**TINY, **kw)
+        GPTConfig(**LIVELY, **kw)
 
 
 def test_value_embeddings_add_a_table_per_layer_that_changes_the_values_and_nothing_else():
-    plain, ve = tiny(), tiny(value_embeds=True)
+    plain, ve = lively_gpt(), lively_gpt(value_embeds=True)
     assert [n for n in ve.state_dict() if n not in plain.state_dict()] == [f"transformer.ve.{i}.weight" for i in range(2)]
     assert ve.transformer.ve[0].weight.shape == (29, 32)  # vocab x (n_kv_head * head_dim)
     ve.load_state_dict({**plain.state_dict(), **{f"transformer.ve.{i}.weight": torch.zeros(29, 32) for i in range(2)}})
@@ -179,12 +167,12 @@ def test_value_embeddings_add_a_table_per_layer_that_changes_the_values_and_noth
 
 
 def test_a_checkpoint_config_from_before_the_switches_builds_todays_model():
-    old = {k: v for k, v in asdict(GPTConfig(**TINY)).items()
+    old = {k: v for k, v in asdict(GPTConfig(**LIVELY)).items()
            if k not in ("attn_window", "attn_window_pattern", "norm_head", "logit_softcap", "causal", "value_embeds")}
     config = GPTConfig.from_dict(old)
     assert (config.attn_window, config.norm_head, config.logit_softcap, config.causal) == (0, False, 0.0, True)
     torch.manual_seed(0)
-    a = GPT(GPTConfig(**TINY)).eval()
+    a = GPT(GPTConfig(**LIVELY)).eval()
     b = GPT(config).eval()
     b.load_state_dict(a.state_dict())
     idx = torch.randint(0, 29, (1, 8))
@@ -193,7 +181,7 @@ def test_a_checkpoint_config_from_before_the_switches_builds_todays_model():
 
 def test_training_with_every_decoder_switch_lowers_the_loss():
     torch.manual_seed(0)
-    model = GPT(GPTConfig(**TINY, positions="alibi", attn_window=6, attn_window_pattern="SL", norm_head=True,
+    model = GPT(GPTConfig(**LIVELY, positions="alibi", attn_window=6, attn_window_pattern="SL", norm_head=True,
                           logit_softcap=15.0))
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     idx = torch.randint(0, 29, (4, 24))
@@ -208,7 +196,7 @@ def test_training_with_every_decoder_switch_lowers_the_loss():
 
 
 def test_an_alibi_model_crops_its_context_like_the_others():
-    model = tiny(positions="alibi")
+    model = lively_gpt(positions="alibi")
     idx = torch.randint(0, 29, (1, 16))
     before = model(idx)[0]
     model.crop_block_size(16)
@@ -217,7 +205,7 @@ def test_an_alibi_model_crops_its_context_like_the_others():
 
 @pytest.mark.parametrize("positions", ["rope", "alibi"])
 def test_rope_and_alibi_models_read_contexts_longer_than_their_block_size(positions):
-    model = tiny(positions=positions)
+    model = lively_gpt(positions=positions)
     idx = torch.randint(0, 29, (1, 48))
     before = model(idx[:, :24])[0]
     model.set_block_size(48)
@@ -228,7 +216,7 @@ def test_rope_and_alibi_models_read_contexts_longer_than_their_block_size(positi
 
 def test_learned_positions_cannot_read_past_their_table():
     with pytest.raises(ValueError, match="learned positions stop at block_size 24"):
-        tiny().set_block_size(48)
+        lively_gpt().set_block_size(48)
 
 
 def test_eval_scores_bits_per_byte_at_a_chosen_context_and_refuses_one_learned_positions_lack(tiny_run, tmp_path):

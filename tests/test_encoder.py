@@ -9,23 +9,12 @@ import pytest
 import torch
 
 import tasks
-from conftest import TINY_MODEL, one_line_error, prepare_tiny, read_metrics, run_main, write_sms
-from model import GPT, GPTConfig, attention_bias
+from conftest import TINY_MODEL, lively_gpt, one_line_error, prepare_tiny, read_metrics, run_main, write_sms
+from model import attention_bias
 from tokenizer import MASK_TEXT, add_mask_token, dataset_tokenizer, encode_with_masks, gpt2_tokenizer, load_tokenizer
 from train import Batches, mlm_corrupt
 
-TINY = dict(block_size=24, vocab_size=29, n_layer=2, n_head=4, n_embd=32)
 ENCODER = [*TINY_MODEL, "--causal=False", "--objective=mlm"]
-
-
-def tiny(**kw):
-    torch.manual_seed(0)
-    model = GPT(GPTConfig(**{**TINY, **kw})).eval()
-    with torch.no_grad():  # weights large enough that every token visibly matters
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.normal_(0, 0.2)
-    return model
 
 
 @pytest.fixture
@@ -45,7 +34,7 @@ def test_an_encoders_prediction_at_i_changes_when_a_later_token_changes_and_a_de
     later = idx.clone()
     later[0, 7] = (idx[0, 7] + 1) % 29
     for causal in (True, False):
-        model = tiny(causal=causal, **kw)
+        model = lively_gpt(causal=causal, **kw)
         a, b = model(idx)[0][0, 5], model(later)[0][0, 5]
         assert torch.allclose(a, b, atol=1e-6) == causal
 
@@ -53,7 +42,7 @@ def test_an_encoders_prediction_at_i_changes_when_a_later_token_changes_and_a_de
 @pytest.mark.parametrize("kw", [{}, {"positions": "alibi"}, {"attn_window": 3, "attn_window_pattern": "SL"},
                                 {"positions": "alibi", "attn_window": 3}], ids=["full", "alibi", "window", "both"])
 def test_an_encoders_two_attention_paths_agree(kw):
-    fused, explicit = tiny(causal=False, **kw), tiny(causal=False, attn_impl="explicit", **kw)
+    fused, explicit = lively_gpt(causal=False, **kw), lively_gpt(causal=False, attn_impl="explicit", **kw)
     idx = torch.randint(0, 29, (3, 20))
     torch.testing.assert_close(fused(idx)[0], explicit(idx)[0], atol=1e-5, rtol=0)
 
@@ -63,7 +52,7 @@ def test_an_encoders_alibi_and_window_count_distance_both_ways():
     bias = attention_bias(allowed, torch.tensor([0.5]), window=3)[0, 0]  # (5, 5)
     assert bias[2].tolist() == [-1.0, -0.5, 0.0, -0.5, -1.0]  # -m |j - i|, symmetric
     assert bias[0].tolist()[3:] == [-float("inf")] * 2  # three or more positions ahead: outside the window
-    model = tiny(causal=False, attn_window=3, n_layer=1)
+    model = lively_gpt(causal=False, attn_window=3, n_layer=1)
     idx = torch.randint(0, 29, (1, 12))
     far, near = idx.clone(), idx.clone()
     far[0, 8], near[0, 7] = (idx[0, 8] + 1) % 29, (idx[0, 7] + 1) % 29
@@ -72,7 +61,7 @@ def test_an_encoders_alibi_and_window_count_distance_both_ways():
 
 
 def test_an_encoder_classifier_reads_the_mean_of_the_real_tokens_whatever_the_padding():
-    model = tiny(causal=False, n_classes=2)
+    model = lively_gpt(causal=False, n_classes=2)
     text = torch.randint(1, 29, (1, 7))
     short, _ = model.classify(text, torch.tensor([7]))
     for pad_len, pad_id in [(3, 0), (10, 28), (16, 5)]:
@@ -89,7 +78,7 @@ def test_an_encoder_classifier_reads_the_mean_of_the_real_tokens_whatever_the_pa
 
 def test_an_encoder_has_no_kv_cache_and_does_not_generate():
     from decoding import KVCache
-    model = tiny(causal=False)
+    model = lively_gpt(causal=False)
     with pytest.raises(ValueError, match="no KV cache"):
         model(torch.randint(0, 29, (1, 4)), cache=KVCache.for_model(model, batch_size=1))
     with pytest.raises(ValueError, match="does not generate"):
@@ -115,7 +104,7 @@ def test_mlm_chooses_15_percent_and_masks_80_randomises_10_keeps_10_of_them():
 
 
 def test_the_mlm_loss_is_the_cross_entropy_of_the_chosen_positions_only():
-    model = tiny(causal=False)
+    model = lively_gpt(causal=False)
     x = torch.randint(0, 28, (4, 20))
     inputs, targets = mlm_corrupt(x, 28, 0.15, torch.Generator().manual_seed(2))
     logits, loss = model(inputs, targets)
