@@ -255,10 +255,11 @@ def lens_view(args):
     guess = [[label(t) for t in token_texts(tokenizer, row.tolist())] for row in top]  # (layers + 1, T)
     nexts = inputs[1:] + [""]  # the token that actually came next
     print("the likeliest next token after each layer (its probability); the last column is the model's prediction")
-    print(f"{'pos':>4} {'token':>8} {'next':>8}  " + "".join(f"{r:>15}" for r in rows))
+    w = max(8, *(len(g) for row in guess for g in row), *(len(i) for i in inputs))  # a BPE token may be long
+    print(f"{'pos':>4} {'token':>{w}} {'next':>{w}}  " + "".join(f"{r:>{w + 5}} " for r in rows))
     for t in range(len(ids)):
-        cells = "".join(f"{guess[l][t]:>8} {p[l, t]:.2f} " for l in range(len(rows)))
-        print(f"{t:>4} {inputs[t]:>8} {nexts[t]:>8}  {cells}")
+        cells = "".join(f"{guess[l][t]:>{w}} {p[l, t]:.2f} " for l in range(len(rows)))
+        print(f"{t:>4} {inputs[t]:>{w}} {nexts[t]:>{w}}  {cells}")
     if plt is not None:
         draw_lens(plt, rows, inputs, guess, nexts, p, picture_path(args, "lens"))
 
