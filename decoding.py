@@ -94,6 +94,13 @@ class KVCache:
     def advance(self, T):
         self.length += T
 
+    def truncate(self, length):
+        """Forget every slot from length on (speculative decoding's rejected guesses). A windowed layer
+        has dropped slots it would need again, so such a cache cannot go back."""
+        if any(self.windows):
+            raise ValueError("a sliding-window layer's cache keeps only its last slots and cannot take tokens back")
+        self.length = min(self.length, length)
+
     def reorder(self, index):
         """Keep rows index (N,) in that order, e.g. the parents of the surviving beams."""
         self.pad = self.pad.index_select(0, index)
@@ -144,6 +151,23 @@ class _LayerCache:
 
     def update(self, k, v):
         return self.cache.update(self.i, k, v)
+
+
+def weight_bytes_per_token(model):
+    """Bytes of weights one decoding step of one sequence reads: every matrix, norm and bias once, and
+    of a table looked up by token or position (an embedding not tied to the head, the rotary tables)
+    the one row it reads. Times tokens/s over the memory's bandwidth: decoding's model-bandwidth
+    utilisation (MBU)."""
+    def own(m):
+        return list(m.parameters(recurse=False)) + list(m.buffers(recurse=False))
+
+    def is_table(m):
+        return m is model or isinstance(m, torch.nn.Embedding) or type(m).__name__ == "Int8Embedding"
+
+    whole = {t.data_ptr(): t.numel() * t.element_size() for m in model.modules() if not is_table(m) for t in own(m)}
+    rows = {t.data_ptr(): t[0].numel() * t.element_size() for m in model.modules() if is_table(m)
+            for t in own(m) if t.dim() >= 1}
+    return sum(whole.values()) + sum(b for ptr, b in rows.items() if ptr not in whole)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -200,6 +224,36 @@ def choose_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None)
         logits = top_p_filter(logits, top_p)
     probs = F.softmax(logits, dim=-1)
     return torch.multinomial(probs, num_samples=1, generator=generator)[:, 0]
+
+
+class Utf8Mask:
+    """Keeps a byte-level model's output valid UTF-8: tables from the tokenizer (tokenizer.utf8_tables:
+    for each of a handful of decoder states, which tokens may come next and the state after them)
+    and each row's state; one masked fill per step."""
+
+    def __init__(self, tables, device=None):
+        self.tables = tables  # as lists, for stepping through prompts without a device sync per token
+        allowed, after = tables
+        self.allowed = torch.tensor(allowed, dtype=torch.bool, device=device)  # (S, V)
+        self.after = torch.tensor(after, dtype=torch.long, device=device)  # (S, V)
+
+    def states_after(self, prompts):
+        """(B,) the state at the end of each prompt (token ids); bytes that break UTF-8 reset it to 0."""
+        allowed, after = self.tables
+        states = []
+        for ids in prompts:
+            s = 0
+            for t in ids:
+                s = after[s][t] if t < len(allowed[s]) and allowed[s][t] else 0
+            states.append(s)
+        return torch.tensor(states, dtype=torch.long, device=self.allowed.device)
+
+    def apply(self, logits, states):
+        """logits (B, V) with -inf where a token cannot follow its row's state."""
+        return logits.masked_fill(~self.allowed[states, :logits.size(-1)], float("-inf"))
+
+    def advance(self, states, tokens):
+        return self.after[states, tokens]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -276,10 +330,12 @@ class Decoder:
 
 @torch.no_grad()
 def decode_steps(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, repetition_penalty=1.0,
-                 pad=None, generator=None, use_cache=True):
+                 pad=None, generator=None, use_cache=True, utf8=None, states=None):
     """Yields (tokens (B,), logits (B, V)) for each of max_new_tokens steps: the chosen tokens
     and the model's raw logits they were chosen from. idx (B, N) is left-padded by pad (B,).
-    The model runs only when the next step is asked for, so a caller that stops early costs nothing more."""
+    With utf8 (a Utf8Mask) and states (B,), tokens that would break UTF-8 are never chosen; the
+    states advance in place. The model runs only when the next step is asked for, so a caller that
+    stops early costs nothing more."""
     check_sampling(temperature, top_k, top_p, repetition_penalty)
     if max_new_tokens < 1:
         return
@@ -293,7 +349,11 @@ def decode_steps(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=
     for step in range(max_new_tokens):
         logits = decoder.logits.float()
         scored = logits if seen is None else penalize_repeats(logits, seen, repetition_penalty)
+        if utf8 is not None:
+            scored = utf8.apply(scored, states)
         tokens = choose_next(scored, temperature, top_k, top_p, generator)  # (B,)
+        if utf8 is not None:
+            states.copy_(utf8.advance(states, tokens))
         yield tokens, logits
         if seen is not None:
             seen[torch.arange(tokens.size(0), device=tokens.device), tokens] = True
@@ -303,20 +363,26 @@ def decode_steps(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=
 
 @torch.no_grad()
 def generate_batch(model, prompts, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
-                   repetition_penalty=1.0, stop_tokens=(), on_token=None, generator=None, use_cache=True):
+                   repetition_penalty=1.0, stop_tokens=(), on_token=None, generator=None, use_cache=True,
+                   utf8=None):
     """Several prompts (lists of token ids, any lengths) decoded together in one left-padded
     batch. Returns the new tokens of each prompt, a list of lists. A row ends before any of
     stop_tokens (not included), or after a token for which on_token(row, token) returns True:
     that callback sees every new token of every unfinished row in order, the hook for
-    streaming output and stop strings. For num_samples samples of a prompt, repeat it."""
+    streaming output and stop strings. For num_samples samples of a prompt, repeat it.
+    With utf8 (a Utf8Mask) every row's bytes stay valid UTF-8, and a row cut inside a character
+    (by max_new_tokens) loses that character's first bytes."""
     device = next(model.parameters()).device
     stop = set(stop_tokens)
     idx, pad = left_pad(prompts, device)
     out = [[] for _ in prompts]
+    whole = [0] * len(prompts)  # tokens of each row that end between characters
+    states = None if utf8 is None else utf8.states_after(prompts)
     live = set(range(len(prompts)))
     steps = decode_steps(model, idx, max_new_tokens, temperature, top_k, top_p, repetition_penalty,
-                         pad=pad, generator=generator, use_cache=use_cache)
+                         pad=pad, generator=generator, use_cache=use_cache, utf8=utf8, states=states)
     for tokens, _ in steps:
+        between = None if states is None else (states == 0).tolist()
         for row, token in enumerate(tokens.tolist()):
             if row not in live:
                 continue
@@ -324,11 +390,13 @@ def generate_batch(model, prompts, max_new_tokens, temperature=1.0, top_k=None, 
                 live.discard(row)
                 continue
             out[row].append(token)
+            if between is None or between[row]:
+                whole[row] = len(out[row])
             if on_token is not None and on_token(row, token):
                 live.discard(row)
         if not live:
             break
-    return out
+    return out if utf8 is None else [tokens[:n] for tokens, n in zip(out, whole)]
 
 
 def normalized_score(logprob, length, length_penalty):
@@ -382,3 +450,150 @@ def beam_search(model, prompt, max_new_tokens, beam_width, length_penalty=1.0, s
         candidates += [(t, s, len(t)) for t, s in zip(beams, new_scores)]
     ranked = sorted(candidates, key=lambda c: normalized_score(c[1], c[2], length_penalty), reverse=True)
     return [(tokens, total) for tokens, total, _ in ranked]
+
+
+# ----------------------------------------------------------------------------------------------
+# Speculative decoding (Leviathan et al. 2023; Chen et al. 2023): a small draft model guesses k
+# tokens one by one, the target scores all k in one forward, and a guess is kept with probability
+# min(1, p/q); at the first refusal a token is drawn from the leftover max(0, p - q), renormalised.
+# The kept tokens are distributed exactly as the target's own samples; greedy keeps a guess when it
+# is the target's argmax, so the text is the target's greedy text. Each round costs k draft steps and
+# one target forward of k + 1 tokens, and yields between 1 and k + 1 tokens.
+
+def sampling_probs(logits, temperature=1.0, top_k=None, top_p=None):
+    """(B, V) probabilities that choose_next samples from (for temperature > 0)."""
+    logits = logits.float() / temperature
+    if top_k is not None:
+        logits = top_k_filter(logits, top_k)
+    if top_p is not None:
+        logits = top_p_filter(logits, top_p)
+    return F.softmax(logits, dim=-1)
+
+
+def accept_or_resample(p, q, guess, generator=None):
+    """One verification step: guess (an int) was drawn from q (V,); returns (kept, token) with the
+    token distributed as p (V,) over the draws of guess and of this step's randomness."""
+    u = torch.rand((), device=p.device, generator=generator)
+    if u * q[guess] <= p[guess]:  # probability min(1, p/q), with no division by a zero q
+        return True, guess
+    leftover = (p - q).clamp(min=0)
+    if leftover.sum() <= 0:  # p == q up to rounding: any refusal was rounding; p itself is the answer
+        leftover = p
+    return False, int(torch.multinomial(leftover / leftover.sum(), 1, generator=generator))
+
+
+class _Speculator:
+    """One model's side of speculative decoding, batch 1: `fed`, the tokens its cache holds, and
+    `pending`, the committed tokens its next forward feeds first."""
+
+    def __init__(self, model, prompt):
+        self.model, self.device = model, next(model.parameters()).device
+        self.cache = KVCache.for_model(model)
+        self.fed, self.pending = [], list(prompt)
+
+    def forward(self, guesses=()):
+        """Logits (T, V) after each of pending + guesses; they all join the cache."""
+        tokens = self.pending + list(guesses)
+        logits, _ = self.model(torch.tensor([tokens], device=self.device), cache=self.cache)
+        self.fed, self.pending = self.fed + tokens, []
+        return logits[0].float()
+
+    def rewind(self, seq):
+        """Keep the cached tokens that agree with seq, the committed tokens; the rest of seq is pending."""
+        n = 0
+        for a, b in zip(self.fed, seq):
+            if a != b:
+                break
+            n += 1
+        self.cache.truncate(n)
+        self.fed, self.pending = self.fed[:n], list(seq[n:])
+
+
+def check_speculative(target, draft):
+    """ValueError for a pair of models that cannot decode together."""
+    for name, m in (("target", target), ("draft", draft)):
+        if not m.config.causal:
+            raise ValueError(f"the {name} is an encoder (causal=False): it cannot generate")
+        if any(layer_windows(m.config)):
+            raise ValueError(f"the {name} has sliding-window layers, whose cache cannot take rejected guesses back; "
+                             f"decode without a draft")
+    if draft.config.vocab_size != target.config.vocab_size:
+        raise ValueError(f"the draft's vocabulary ({draft.config.vocab_size}) is not the target's "
+                         f"({target.config.vocab_size}): a draft must share the target's tokenizer")
+
+
+@torch.no_grad()
+def speculative_generate(target, draft, prompt, max_new_tokens, k=4, temperature=1.0, top_k=None, top_p=None,
+                         stop_tokens=(), generator=None, utf8=None):
+    """The new tokens of prompt (a list of ids), sampled from target with draft's guesses, k per round,
+    and stats {rounds, proposed, accepted}. Output as generate_batch's for one prompt: the same text at
+    temperature 0, the same distribution otherwise; it ends before a stop token, after max_new_tokens,
+    or when the context (the smaller block_size) is full. With utf8 (a Utf8Mask) both models' choices
+    keep UTF-8 valid, and a tail cut inside a character is dropped."""
+    check_speculative(target, draft)
+    check_sampling(temperature, top_k, top_p)
+    if k < 1:
+        raise ValueError(f"k (draft tokens per round) must be >= 1, got {k}")
+    if not prompt:
+        raise ValueError("the prompt needs at least one token")
+    block_size = min(target.config.block_size, draft.config.block_size)
+    if len(prompt) >= block_size:
+        raise ValueError(f"the prompt has {len(prompt)} tokens and leaves no room in a context of {block_size}")
+    t, d = _Speculator(target, prompt), _Speculator(draft, prompt)
+    seq, n_prompt, stop = list(prompt), len(prompt), set(stop_tokens)
+    state = 0 if utf8 is None else utf8.states_after([prompt])[0].item()
+    whole = 0  # new tokens that end between characters
+    stats = dict(rounds=0, proposed=0, accepted=0)
+
+    def step(s, token):  # the UTF-8 state after token
+        return 0 if utf8 is None else utf8.tables[1][s][token]
+
+    def dist(logits, s):  # (V,) logits -> what choose_next draws from: probabilities, or logits when greedy
+        if utf8 is not None:
+            logits = utf8.apply(logits[None], torch.tensor([s], device=logits.device))[0]
+        return logits if temperature == 0 else sampling_probs(logits[None], temperature, top_k, top_p)[0]
+
+    def draw(probs):
+        return int(probs.argmax()) if temperature == 0 else int(torch.multinomial(probs, 1, generator=generator))
+
+    while True:
+        room = min(max_new_tokens - (len(seq) - n_prompt), block_size - len(seq))
+        if room <= 0:
+            break
+        n_guess = min(k, room - 1)  # the round's last token always comes from the target
+        guesses, qs, s = [], [], state
+        for _ in range(n_guess):  # the draft guesses one token at a time
+            qs.append(dist(d.forward(guesses[-1:])[-1], s))
+            guesses.append(draw(qs[-1]))
+            s = step(s, guesses[-1])
+        logits = t.forward(guesses)[-(n_guess + 1):]  # (n_guess + 1, V): before each guess, then after all
+        new, s = [], state
+        for i in range(n_guess):
+            p = dist(logits[i], s)
+            if temperature == 0:
+                kept, token = guesses[i] == int(p.argmax()), int(p.argmax())
+            else:
+                kept, token = accept_or_resample(p, qs[i], guesses[i], generator)
+            new.append(token)
+            s = step(s, token)
+            if not kept:
+                break
+            stats["accepted"] += 1
+        else:  # every guess kept: the target's next token comes free with the same forward
+            new.append(draw(dist(logits[n_guess], s)))
+        stats["rounds"] += 1
+        stats["proposed"] += n_guess
+        ended = False
+        for token in new:
+            if token in stop:
+                ended = True
+                break
+            seq.append(token)
+            state = step(state, token)
+            whole = len(seq) - n_prompt if state == 0 else whole
+        if ended:
+            break
+        t.rewind(seq)
+        d.rewind(seq)
+    out = seq[n_prompt:]
+    return (out if utf8 is None else out[:whole]), stats

@@ -13,6 +13,8 @@ Design choices:
 - A row ends at a stop token, at max_new_tokens, when its callback says so (a stop string), when
   it is cancelled (its client went away), or when it fills the model's context (block_size).
 - The queue is bounded: submit() refuses a request once max_batch are decoding and max_queue wait.
+- With utf8 (a decoding.Utf8Mask, for byte-level tokenizers) each row keeps its UTF-8 state and never
+  samples a token that would break it.
 """
 import queue
 import threading
@@ -50,8 +52,8 @@ class Request:
 class Engine:
     """The decoding loop of a server: submit() from any thread, run() on one thread of its own."""
 
-    def __init__(self, model, max_batch=8, max_queue=64):
-        self.model = model.eval()
+    def __init__(self, model, max_batch=8, max_queue=64, utf8=None):
+        self.model, self.utf8 = model.eval(), utf8
         self.block_size = model.config.block_size
         self.device = next(model.parameters()).device
         self.max_batch, self.max_queue = max_batch, max_queue
@@ -128,6 +130,7 @@ class Engine:
         """Prefill new requests in one left-padded batch and add their rows to the running one."""
         for r in new:
             r.generator = None if r.seed is None else torch.Generator(device=self.device).manual_seed(r.seed)
+            r.utf8_state = 0 if self.utf8 is None else int(self.utf8.states_after([r.prompt])[0])
         idx, pad = left_pad([r.prompt for r in new], self.device)
         cache = KVCache(self.model.config.n_layer, self.block_size, pad, layer_windows(self.model.config))
         logits, _ = self.model(idx, cache=cache)
@@ -147,11 +150,18 @@ class Engine:
             key = (r.temperature, r.top_k, r.top_p) if r.generator is None else b
             groups.setdefault(key, []).append(b)
         tokens = [0] * len(self.rows)
+        allowed = self.logits
+        if self.utf8 is not None:
+            states = torch.tensor([r.utf8_state for r in self.rows], device=self.device)
+            allowed = self.utf8.apply(self.logits, states)
         for rows in groups.values():
             r = self.rows[rows[0]]
-            logits = self.logits if len(rows) == len(self.rows) else self.logits[rows]
+            logits = allowed if len(rows) == len(self.rows) else allowed[rows]
             for b, token in zip(rows, choose_next(logits, r.temperature, r.top_k, r.top_p, r.generator).tolist()):
                 tokens[b] = token
+        if self.utf8 is not None:
+            for r, token in zip(self.rows, tokens):
+                r.utf8_state = self.utf8.tables[1][r.utf8_state][token]
         return tokens
 
     @torch.no_grad()

@@ -34,6 +34,7 @@ yield_idle_cores()  # before torch loads OpenMP
 import numpy as np
 import torch
 
+import quantize
 import runtime
 from benchmarks import (benchmark_questions, benchmark_scores, bits_per_byte, check_task_names, cloze_questions,
                         encode_choices, mean_and_stderr, score_choices, score_cloze, score_stream, token_bytes)
@@ -69,6 +70,7 @@ class EvalConfig:
     out: str = ""                  # where eval.json goes ("" : beside the checkpoint)
     device: str = "auto"           # auto | cpu | cuda | cuda:N | mps
     dtype: str = "auto"            # auto | float32 | bfloat16 | float16 (as train.py's)
+    quantize: str = ""             # int8 | int8_all: weight-only int8 (quantize.py), to measure what it costs; "" none
     bench: bool = False            # scoring speed on two random models (the CPU config's shape and 6x384); no checkpoint
 
 
@@ -304,6 +306,9 @@ def main(argv):
     if model.config.n_classes:
         raise UserError("this checkpoint is a classifier: eval.py measures language models (a classifier's "
                         "accuracy is train.py's val/acc)")
+    note = quantize.prepare(model, cfg["quantize"], getattr(torch, rt.dtype))
+    if note:
+        print(note)
     rows = []
     for task in chosen_tasks(tasks, cfg, ckpt):
         rows += run_task(task, cfg, model, tokenizer, ckpt, rt.autocast)

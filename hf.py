@@ -1,10 +1,13 @@
 """
-Hugging Face interop: GPT-2 and LLaMA checkpoints in, ours out.
+Hugging Face interop: GPT-2 and LLaMA checkpoints in, ours out (a Hugging Face folder, a PEFT adapter,
+or a GGUF file for llama.cpp).
 
   python train.py config/finetune_shakespeare.py --init_from=gpt2   # OpenAI's GPT-2 (gpt2-medium, -large, -xl)
   python train.py ... --init_from=PATH                                # a local GPT2LMHeadModel or LlamaForCausalLM folder
   python sample.py --init_from=PATH --start="Hello"
   python hf.py export --ckpt out/ckpt.pt --out DIR                    # ours -> a folder transformers loads
+  python hf.py export --ckpt out-lora --out DIR --adapter ADAPTER_DIR  # the base in DIR, its LoRA as a PEFT adapter
+  python hf.py export --ckpt out/ckpt.pt --out model.gguf --format gguf [--gguf_type f32|f16|q8_0]  # llama.cpp, Ollama
   python hf.py import --src PATH_OR_NAME --out DIR                    # a Hugging Face model -> DIR/ckpt.pt
 
 A Hugging Face folder is config.json plus model.safetensors (or shards with model.safetensors.index.json).
@@ -18,6 +21,14 @@ Weight layouts, theirs -> ours:
   o_proj -> attn.c_proj, down_proj -> mlp.c_proj. HF's checkpoints already permute q/k into the
   "rotate half" pairing (i, i + d/2) that model.apply_rope uses, so q and k load unchanged.
 Config fields are mapped one by one; a field this file does not know is refused, not ignored.
+
+LoRA: export folds the adapters into the weights, or with --adapter ADAPTER_DIR writes the base without
+them into --out and the adapters as a PEFT adapter (adapter_config.json + adapter_model.safetensors),
+which peft.PeftModel.from_pretrained(base, ADAPTER_DIR) applies. The fused layers map exactly: for
+LLaMA's separate q/k/v_proj and gate/up_proj, lora_B is split by rows like the weight and lora_A is
+copied to every part (B A x split by rows is each part's B_i A x); GPT-2's Conv1D c_attn is fused as
+ours, and PEFT's fan_in_fan_out=True keeps lora_A (r, in) and lora_B (out, r) as nn.Linear stores them.
+GGUF (--format gguf, export_gguf.py): one file for llama.cpp, from the same two families.
 """
 import json
 import os
@@ -29,6 +40,7 @@ import torch
 
 from checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from common import ArgumentParser, UserError, description, make_folder, run_cli
+from export_gguf import GGUF_TYPES, export_gguf
 from model import GPTConfig
 
 # Hub names accepted as init_from, and the repositories that hold OpenAI's weights
@@ -421,10 +433,11 @@ def load_for_inference(init_from, out_dir, device, decoder_for=""):
     return ckpt, model, load_tokenizer(ckpt["tokenizer"], ckpt.get("dataset_dir"))
 
 
-def export(ckpt_path, out_dir):
+def export(ckpt_path, out_dir, adapter_dir=None):
     """Write checkpoint ckpt_path as a Hugging Face folder out_dir: config.json, model.safetensors (LoRA
-    adapters folded in), and the tokenizer (tokenizer.json + tokenizer_config.json) where it can be
-    written. Returns (the config written, a note on the tokenizer)."""
+    adapters folded in, or with adapter_dir left out and written there as a PEFT adapter), and the
+    tokenizer (tokenizer.json + tokenizer_config.json) where it can be written. Returns (the config
+    written, a note on the tokenizer)."""
     try:
         from safetensors.torch import save_file
     except ImportError:
@@ -434,10 +447,20 @@ def export(ckpt_path, out_dir):
     if c.get("n_classes"):
         raise UserError(f"{ckpt_path} is a classifier: its head (with a bias) has no place in transformers' "
                         f"*ForSequenceClassification (a head without one); hf.py exports language models only")
+    if adapter_dir is not None and not c.get("lora_rank"):
+        raise UserError(f"{ckpt_path} has no LoRA adapters (lora_rank=0), so --adapter has nothing to write; "
+                        f"export it without --adapter")
+    if adapter_dir is not None and Path(adapter_dir).resolve() == Path(out_dir).resolve():
+        raise UserError("--adapter must name another folder than --out (transformers reads a folder holding "
+                        "adapter_config.json as an adapter, not as the base)")
     tok, note = export_tokenizer(ckpt)  # before anything is written: loading it may fail
     config = config_to_hf(c, getattr(tok, "bos_token", None), getattr(tok, "eot_token", None))
-    weights = ckpt["model"]
-    if c.get("lora_rank"):
+    weights, adapters = ckpt["model"], None
+    if c.get("lora_rank") and adapter_dir is not None:
+        adapters = peft_tensors(c, weights)
+        weights = {k: v for k, v in weights.items() if ".lora_" not in k}  # the base: LoRALinear keeps its names
+        c["lora_rank"] = 0
+    elif c.get("lora_rank"):
         weights, c["lora_rank"] = model_from_checkpoint(ckpt).merge_lora().state_dict(), 0
     tensors = state_dict_to_hf(c, weights)
     make_folder(str(out_dir), "--out")
@@ -450,7 +473,55 @@ def export(ckpt_path, out_dir):
     elif tok is not None:
         write_tokenizer(tok, out, c["block_size"])
     ordinary_permissions(out)
+    if adapters is not None:
+        make_folder(str(adapter_dir), "--adapter")
+        save_file(adapters, Path(adapter_dir) / "adapter_model.safetensors", metadata={"format": "pt"})
+        (Path(adapter_dir) / "adapter_config.json").write_text(
+            json.dumps(peft_config(dict(ckpt["model_config"]), out), indent=2) + "\n", encoding="utf-8")
+        ordinary_permissions(adapter_dir)
     return config, note
+
+
+# ----------------------------------------------------------------------------------------------
+# LoRA adapters as PEFT's
+
+def lora_layout(c):
+    """[(our LoRA module, [HF modules], row sizes or None)] for the adapted layers of config c: row sizes
+    split our fused lora_B between HF's separate modules (LLaMA's q/k/v_proj, gate/up_proj)."""
+    targets = {t.strip() for t in c["lora_targets"].split(",") if t.strip()}
+    sizes = {"attn.c_attn": [c["n_head"] * c["head_dim"]] + [c["n_kv_head"] * c["head_dim"]] * 2,
+             "mlp.c_fc": [c["mlp_hidden"]] * 2}
+    out = []
+    for ours, theirs, how in layout(c):
+        module = ours.removesuffix(".weight")
+        target = ".".join(module.split(".")[-2:])  # transformer.h.0.attn.c_attn -> attn.c_attn
+        if ours.endswith(".weight") and ".h." in ours and target in targets:
+            out.append((module, [t.removesuffix(".weight") for t in theirs], sizes[target] if how == "rows" else None))
+    return out
+
+
+def peft_tensors(c, sd):
+    """adapter_model.safetensors for the LoRA tensors in our state dict sd: PEFT's names
+    (base_model.model.<module>.lora_A.weight), A (r, in) and B (out, r) as ours."""
+    out = {}
+    for ours, theirs, sizes in lora_layout(c):
+        a, b = sd[ours + ".lora_A"].detach().float().cpu(), sd[ours + ".lora_B"].detach().float().cpu()
+        parts = b.split(sizes, 0) if sizes else [b]  # B A x split by rows: every part shares A
+        for name, part in zip(theirs, parts):
+            out[f"base_model.model.{name}.lora_A.weight"] = a.clone()
+            out[f"base_model.model.{name}.lora_B.weight"] = part.contiguous()
+    return out
+
+
+def peft_config(c, base_dir):
+    """adapter_config.json for the adapters of config c over the base folder base_dir."""
+    modules = sorted({".".join(name.split(".")[-2:]) for _, theirs, _ in lora_layout(c) for name in theirs})
+    return {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": str(Path(base_dir).resolve()),
+            "r": c["lora_rank"], "lora_alpha": c["lora_alpha"], "lora_dropout": c["lora_dropout"],
+            "target_modules": modules,  # qualified (attn.c_proj, mlp.c_proj): PEFT matches name suffixes
+            "fan_in_fan_out": family(c) == "gpt2",  # GPT-2's Conv1D stores its weight (in, out)
+            "bias": "none", "use_rslora": False, "use_dora": False, "modules_to_save": None,
+            "init_lora_weights": True, "inference_mode": True}
 
 
 def write_tokenizer(tok, folder, max_length):
@@ -495,16 +566,34 @@ def ordinary_permissions(folder):
 def main(argv):
     parser = ArgumentParser(prog="hf.py", description=description(__doc__))
     sub = parser.add_subparsers(dest="command", required=True)
-    ex = sub.add_parser("export", help="write one of our checkpoints as a Hugging Face folder")
+    ex = sub.add_parser("export", help="write one of our checkpoints as a Hugging Face folder (or a GGUF file)")
     ex.add_argument("--ckpt", required=True, help="ckpt.pt, or the out_dir holding it")
-    ex.add_argument("--out", required=True, help="folder to write config.json and model.safetensors into")
+    ex.add_argument("--out", required=True, help="folder to write config.json and model.safetensors into "
+                                                 "(--format gguf: the .gguf file to write)")
+    ex.add_argument("--format", choices=("hf", "gguf"), default="hf",
+                    help="hf: a folder transformers loads; gguf: one file llama.cpp and Ollama run (export_gguf.py)")
+    ex.add_argument("--gguf_type", choices=GGUF_TYPES, default=None,
+                    help="--format gguf: the matrices' type (norms and biases stay f32); default f16")
+    ex.add_argument("--adapter", metavar="ADAPTER_DIR", default=None,
+                    help="a LoRA checkpoint's adapters as a PEFT adapter folder; --out then gets the base "
+                         "without them (default: folded into the weights)")
     im = sub.add_parser("import", help="convert a Hugging Face model into out/ckpt.pt")
     im.add_argument("--src", required=True, help="a Hugging Face folder, or gpt2 | gpt2-medium | gpt2-large | gpt2-xl")
     im.add_argument("--out", required=True, help="folder to write ckpt.pt into")
     args = parser.parse_args(argv)
+    if args.command == "export" and args.format == "gguf":
+        if args.adapter is not None:
+            raise UserError("--adapter writes a PEFT adapter beside a Hugging Face folder; a GGUF file holds the "
+                            "model with its LoRA adapters folded in (leave --adapter out)")
+        arch, note = export_gguf(args.ckpt, args.out, args.gguf_type or "f16")
+        print(f"wrote GGUF ({arch}) to {args.out}; {note}")
+        return
     if args.command == "export":
-        config, note = export(args.ckpt, args.out)
-        print(f"wrote {config['architectures'][0]} to {args.out}; {note}")
+        if args.gguf_type is not None:
+            raise UserError("--gguf_type is for --format gguf")
+        config, note = export(args.ckpt, args.out, args.adapter)
+        extra = f"; LoRA adapters as a PEFT adapter in {args.adapter}" if args.adapter else ""
+        print(f"wrote {config['architectures'][0]} to {args.out}; {note}{extra}")
         return
     if not is_hf_source(args.src):
         raise UserError(f"{args.src} is neither a folder with config.json nor one of {', '.join(HUB_MODELS)}")

@@ -24,6 +24,7 @@ import torch
 from benchmarks import continuation_logprobs, encode_pair, last_window, stream_windows
 from common import UserError, first_line
 from decoding import generate_batch
+from tasks import utf8_mask
 from tokenizer import StopText
 
 try:
@@ -116,7 +117,7 @@ class CheckpointLM(LM):
         temperature = float(kw.get("temperature") or 0.0) if kw["do_sample"] else 0.0
         keep = self.block_size - max_new  # the context's last tokens, as hf's left truncation keeps them
         prompts = [(self.begin + self.tokenizer.encode(c))[-keep:] or [self.tokenizer.bos_token] for c in contexts]
-        texts = [StopText(self.tokenizer, until) for _ in contexts]  # each answer cut at its first stop string
+        texts = [StopText(self.tokenizer, until, drop_incomplete=True) for _ in contexts]  # each cut at its first stop string
 
         def stopped(row, token):
             texts[row].add(token)
@@ -124,7 +125,7 @@ class CheckpointLM(LM):
         with self.autocast():
             generate_batch(self.model, prompts, max_new, temperature=temperature, top_k=kw.get("top_k"),
                            top_p=kw.get("top_p"), stop_tokens=self.tokenizer.stop_tokens, on_token=stopped,
-                           generator=self.generator)
+                           generator=self.generator, utf8=utf8_mask(self.model, self.tokenizer))
         for t in texts:
             t.finish()
         return [t.text for t in texts]

@@ -511,7 +511,7 @@ class GPT(nn.Module):
             pos = cache.positions(T)  # (B, T)
             cos, sin = self.rope_cos[pos].unsqueeze(1), self.rope_sin[pos].unsqueeze(1)  # (B, 1, T, d/2)
         x = self.transformer.drop(x)
-        full, windowed = self.attention_masks(T, cache, lengths)
+        full, windowed = self.attention_masks(T, cache, lengths, idx.device)
         for i, block in enumerate(self.transformer.h):
             mask = windowed if self.config.windowed(i) else full
             ve = self.transformer.ve[i](idx) if self.config.value_embeds else None  # (B, T, Hkv * d)
@@ -535,11 +535,11 @@ class GPT(nn.Module):
             for a, impl in zip(layers, impls):
                 a.impl, a.keep_weights, a.weights = impl, False, None
 
-    def attention_masks(self, T, cache=None, lengths=None):
+    def attention_masks(self, T, cache=None, lengths=None, device=None):
         """The masks of the full and of the windowed layers for the next T tokens: None (plain causal,
         the fused path's fastest case; an encoder's: all), bool (B | 1, 1, T, S), or float
         (B | 1, H, T, S) with ALiBi."""
-        cfg, device = self.config, self.lm_head.weight.device
+        cfg, device = self.config, device or self.transformer.ln_f.weight.device
         padded = None if cache is None else cache.attn_mask(T)  # (B, 1, T, S) or None
         if not cfg.causal and lengths is not None:  # keys past a row's length are padding
             padded = (torch.arange(T, device=device)[None, :] < lengths[:, None])[:, None, None, :]  # (B, 1, 1, T)
@@ -561,8 +561,10 @@ class GPT(nn.Module):
     def logits(self, h):
         """Hidden states (..., C) -> logits (..., vocab): the lm_head, its rows normalised with
         norm_head, soft-capped with logit_softcap."""
-        w = self.lm_head.weight
-        logits = F.linear(h, F.normalize(w, dim=-1) if self.config.norm_head else w)
+        if self.config.norm_head:
+            logits = F.linear(h, F.normalize(self.lm_head.weight, dim=-1))
+        else:
+            logits = self.lm_head(h)  # the module, so that an int8 head (quantize.py) takes its place
         c = self.config.logit_softcap
         return c * torch.tanh(logits / c) if c else logits
 

@@ -20,6 +20,7 @@ import ctypes
 import gc
 import os
 import sys
+import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -104,6 +105,25 @@ def peak_flops_of(device):
         return 0.0
     name = torch.cuda.get_device_name()
     return next((v for k, v in GPU_PEAK_FLOPS.items() if k in name), 0.0)
+
+
+def copy_bandwidth(device, mb=256, repeat=5):
+    """The memory bandwidth (bytes/s) one tensor copy reaches on device with torch's threads as they are
+    set: the best of repeat copies of an mb-MB buffer, counting its bytes read and written (STREAM's
+    "copy" convention), the ceiling for a decoder that reads its weights once per token."""
+    device = torch.device(device)
+    src = torch.ones(mb * 2**20 // 4, device=device)
+    dst = torch.empty_like(src)
+    best = float("inf")
+    for _ in range(repeat + 1):  # the first copy faults the pages in
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t0)
+    return 2 * src.numel() * src.element_size() / best
 
 
 @dataclass(frozen=True)

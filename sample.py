@@ -36,6 +36,7 @@ yield_idle_cores()  # before torch loads OpenMP
 
 import torch
 
+import quantize
 import runtime
 from common import UserError, description, read_meta, read_text_file, run_cli
 from configurator import parse_args
@@ -67,7 +68,9 @@ class SampleConfig:
     seed: int = 1337               # random seed: the same seed gives the same samples
     device: str = "auto"           # auto | cpu | cuda | cuda:N | mps
     dtype: str = "auto"            # auto | float32 | bfloat16 | float16 (auto: as train.py's, see runtime.py)
+    utf8: bool = True              # byte-level tokenizers (gpt2, bpe): never sample a token that breaks UTF-8, and drop a character cut by max_new_tokens
     compile: bool = False          # torch.compile the model
+    quantize: str = ""             # int8 (the blocks' matrices) | int8_all (embedding and head too): weight-only int8, quantize.py; "" none
     threads: int = 0               # CPU threads for torch; 0 (auto): 1 when a CPU decodes one sequence at a time (as fast, and robust to a busy CPU), else torch's default
     instruct: bool = False         # wrap the prompt in the instruction template (tasks.py); stop at end-of-text
     interactive: bool = False      # answer instructions typed at a "> " prompt until an empty line (implies instruct)
@@ -133,10 +136,10 @@ def cut_at_stop(text, stop):
     return text[:text.index(stop)] if stop and stop in text else text
 
 
-def sampling_args(cfg, tokenizer):
+def sampling_args(cfg, tokenizer, utf8=None):
     return dict(temperature=cfg["temperature"], top_k=cfg["top_k"], top_p=cfg["top_p"],
                 repetition_penalty=cfg["repetition_penalty"], use_cache=cfg["use_cache"],
-                stop_tokens=tokenizer.stop_tokens if cfg["stop_at_eot"] else ())
+                stop_tokens=tokenizer.stop_tokens if cfg["stop_at_eot"] else (), utf8=utf8)
 
 
 def print_sample(prompt_text, text):
@@ -166,7 +169,7 @@ def samples_per_prompt(cfg):
     return cfg["num_samples"]
 
 
-def run_batch(model, tokenizer, prompts, cfg, generator):
+def run_batch(model, tokenizer, prompts, cfg, generator, utf8=None):
     """All prompts x num_samples decoded as one batch; prints them at the end. Returns tokens generated."""
     rows = [ids for ids in prompts for _ in range(samples_per_prompt(cfg))]
     texts = [StopText(tokenizer, [unescape(cfg["stop"])]) for _ in rows]
@@ -176,55 +179,76 @@ def run_batch(model, tokenizer, prompts, cfg, generator):
         return texts[row].done
 
     out = generate_batch(model, rows, cfg["max_new_tokens"], on_token=on_token, generator=generator,
-                         **sampling_args(cfg, tokenizer))
+                         **sampling_args(cfg, tokenizer, utf8))
     for ids, tokens in zip(rows, out):  # decoded whole, independently of the stop checks
         print_sample(tokenizer.decode(ids), cut_at_stop(tokenizer.decode(tokens), unescape(cfg["stop"])))
     return sum(len(tokens) for tokens in out)
 
 
-def run_stream(model, tokenizer, prompts, cfg, generator):
+def run_stream(model, tokenizer, prompts, cfg, generator, utf8=None):
     """One sample at a time, each printed as its tokens arrive. Returns tokens generated."""
     n, k = 0, samples_per_prompt(cfg)
     for ids in prompts:
         for _ in range(k):
             print(tokenizer.decode(ids), end="", flush=True)
-            text = StopText(tokenizer, [unescape(cfg["stop"])])
+            text = StopText(tokenizer, [unescape(cfg["stop"])], drop_incomplete=utf8 is not None)
 
             def on_token(row, token):
                 print(text.add(token), end="", flush=True)
                 return text.done
 
             out = generate_batch(model, [ids], cfg["max_new_tokens"], on_token=on_token, generator=generator,
-                                 **sampling_args(cfg, tokenizer))
+                                 **sampling_args(cfg, tokenizer, utf8))
             print(text.finish())
             print("---------------", flush=True)
             n += len(out[0])
     return n
 
 
+def timed(run, device):
+    """(run's output, seconds it took), the device synchronised."""
+    t0 = time.perf_counter()
+    out = run()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return out, time.perf_counter() - t0
+
+
 def bench(cfg, device):
-    """Tokens/s of greedy decoding from a one-token prompt, KV cache (decoding.py) vs the reference
-    GPT.generate that re-runs the whole context as nanoGPT's does, side by side on the same randomly
-    initialised shakespeare-char-sized model (speed ignores the weights)."""
-    torch.manual_seed(cfg["seed"])
+    """Tokens/s of greedy decoding from a one-token prompt on a randomly initialised
+    shakespeare-char-sized model (speed ignores the weights), side by side: the KV cache in float32,
+    with int8 weights (the blocks', then all), and the reference GPT.generate that re-runs the whole
+    context as nanoGPT's does. Each row also gives the weight bytes a token reads and the bandwidth
+    they make, over this machine's copy bandwidth measured in the same command (MBU)."""
+    from decoding import weight_bytes_per_token
     config = GPTConfig(n_layer=6, n_head=6, n_embd=384, block_size=256, vocab_size=65, dropout=0.0)
-    model = GPT(config).to(device).eval()
     n = cfg["max_new_tokens"]
-    generate_batch(model, [[0]], 8, temperature=0)  # warm-up: first calls pay for allocations
-    rates = {}
-    for name, run in [("kv cache", lambda: generate_batch(model, [[0]], n, temperature=0)[0]),
-                      ("full recompute", lambda: model.generate(torch.zeros(1, 1, dtype=torch.long, device=device),
-                                                                n, temperature=0)[0, 1:])]:
-        t0 = time.perf_counter()
-        out = run()
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        rates[name] = len(out) / (time.perf_counter() - t0)
+    bandwidth = runtime.copy_bandwidth(device)
+    rows, reference = [], None
+    for name, mode in [("kv cache", ""), ("kv cache, int8", "int8"), ("kv cache, int8_all", "int8_all"),
+                       ("full recompute", None)]:
+        torch.manual_seed(cfg["seed"])
+        model = GPT(config).to(device).eval()
+        kernel = quantize.prepare(model, mode) if mode else None
+        if mode is None:
+            prompt = torch.zeros(1, 1, dtype=torch.long, device=device)
+            out, dt = timed(lambda: model.generate(prompt, n, temperature=0)[0, 1:].tolist(), device)
+        else:
+            generate_batch(model, [[0]], 8, temperature=0)  # warm-up: first calls pay for allocations
+            out, dt = timed(lambda: generate_batch(model, [[0]], n, temperature=0)[0], device)
+        reference = reference or out
+        same = sum(a == b for a, b in zip(out, reference)) / len(reference)
+        rows.append((name + (f" ({kernel.split('kernel ')[1][:-1]})" if kernel else ""), len(out) / dt,
+                     weight_bytes_per_token(model), same))
     print(f"{n} tokens, 6 layers x 384 wide, 6 heads, block_size 256, on {device}, "
-          f"{torch.get_num_threads()} threads")
-    for name, rate in rates.items():
-        print(f"{name:>15}: {rate:8.1f} tokens/s")
-    print(f"{'speed-up':>15}: {rates['kv cache'] / rates['full recompute']:8.1f}x")
+          f"{torch.get_num_threads()} threads; copy bandwidth {bandwidth / 1e9:.1f} GB/s")
+    print(f"{'':>34} {'tokens/s':>9} {'MB/token':>9} {'GB/s':>6} {'MBU':>6}  same tokens as float32")
+    for name, rate, nbytes, same in rows:
+        print(f"{name:>34} {rate:9.1f} {nbytes / 1e6:9.1f} {rate * nbytes / 1e9:6.1f} "
+              f"{rate * nbytes / bandwidth:6.1%}  {same:.0%}")
+    print(f"{'speed-up of the cache':>34} {rows[0][1] / rows[-1][1]:9.1f}x")
+    print(f"{'speed-up of int8 weights':>34} {rows[1][1] / rows[0][1]:9.1f}x (int8_all "
+          f"{rows[2][1] / rows[0][1]:.1f}x)")
 
 
 def print_labels(model, tokenizer, cfg, ckpt, device):
@@ -362,9 +386,11 @@ def generate(model, tokenizer, ckpt, cfg, rt):
     prompts = [encode_prompt(tokenizer, text) for text in read_prompts(cfg)]
     if cfg["beam_width"] > 1:
         return run_beams(model, tokenizer, prompts, cfg)
+    from tasks import utf8_mask
+    utf8 = utf8_mask(model, tokenizer) if cfg["utf8"] else None
     if cfg["stream"]:
-        return run_stream(model, tokenizer, prompts, cfg, generator)
-    return run_batch(model, tokenizer, prompts, cfg, generator)
+        return run_stream(model, tokenizer, prompts, cfg, generator, utf8)
+    return run_batch(model, tokenizer, prompts, cfg, generator, utf8)
 
 
 def main(argv):
@@ -378,6 +404,9 @@ def main(argv):
             return bench(cfg, rt.device)
     ckpt, model, tokenizer = load_for_inference(cfg["init_from"], cfg["out_dir"], rt.device)
     threads = decode_threads(cfg, model, rt.device)
+    note = quantize.prepare(model, cfg["quantize"], getattr(torch, rt.dtype))
+    if note:
+        print(note, file=sys.stderr)
     if cfg["compile"]:
         model = torch.compile(model, dynamic=True)  # the context grows every step: one graph for all lengths
     t0 = time.perf_counter()

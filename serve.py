@@ -61,6 +61,8 @@ class ServeConfig:
     max_queue: int = 64            # requests waiting beyond those; more are answered 503
     device: str = "auto"           # auto | cpu | cuda | cuda:N | mps
     dtype: str = "auto"            # auto | float32 | bfloat16 | float16
+    utf8: bool = True              # byte-level tokenizers: never sample a token that breaks UTF-8 (no U+FFFD in answers)
+    quantize: str = ""             # int8 | int8_all: weight-only int8 (quantize.py): a quarter of the weight bytes per token; "" none
     bench: bool = False            # tokens/s with 1, 4 and 8 concurrent streaming clients, on a random 6x384 model
 
 
@@ -156,7 +158,9 @@ class Server:
 
     def __init__(self, cfg, ckpt, model, tokenizer):
         self.cfg, self.tokenizer = cfg, tokenizer
-        self.engine = Engine(model, cfg["max_batch"], cfg["max_queue"])
+        from tasks import utf8_mask
+        self.utf8 = utf8_mask(model, tokenizer) if cfg["utf8"] else None  # None for a char tokenizer
+        self.engine = Engine(model, cfg["max_batch"], cfg["max_queue"], self.utf8)
         self.block_size = model.config.block_size
         self.instruct = ckpt.get("config", {}).get("task") == "instruct"
         source = cfg["out_dir"] if cfg["init_from"] == "resume" else cfg["init_from"]
@@ -220,7 +224,7 @@ class Choice:
 
     def __init__(self, index, server, prompt, settings, stops, top_logprobs, events, loop):
         self.index, self.tokenizer, self.events, self.loop = index, server.tokenizer, events, loop
-        self.text, self.reason = StopText(server.tokenizer, stops), None
+        self.text, self.reason = StopText(server.tokenizer, stops, drop_incomplete=server.utf8 is not None), None
         if settings["seed"] is not None:
             settings = {**settings, "seed": settings["seed"] + index}  # n choices with one seed still differ
         self.request = Request(prompt, stop_tokens=server.tokenizer.stop_tokens, top_logprobs=top_logprobs,
@@ -584,6 +588,10 @@ def main(argv):
         raise UserError("this checkpoint is a classifier; serve.py serves language models (sample.py labels text)")
     if rt.dtype != "float32":
         model.to(getattr(torch, rt.dtype))
+    from quantize import prepare
+    note = prepare(model, cfg["quantize"], getattr(torch, rt.dtype))
+    if note:
+        print(note, flush=True)
     server = Server(cfg, ckpt, model, tokenizer)
     where = f"http://{cfg['host']}:{cfg['port']}"
     print(f"serving {server.model_name} ({'instruction template' if server.instruct else 'plain text'}) at "

@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 from common import UserError, first_line, make_folder, token_dtype, write_meta
-from decoding import generate_batch
+from decoding import Utf8Mask, generate_batch
 
 INSTRUCT_HEAD = ("Below is an instruction that describes a task. "
                  "Write a response that appropriately completes the request.")
@@ -527,12 +527,24 @@ def instruct_prompt_ids(tokenizer, instruction, input_text, block_size):
     return tokenizer.encode(instruct_prompt(instruction, input_text))[-block_size:]
 
 
+def utf8_mask(model, tokenizer):
+    """A decoding.Utf8Mask that keeps a byte-level tokenizer's output valid UTF-8; None for char."""
+    from tokenizer import utf8_tables
+    tables = utf8_tables(tokenizer, model.config.vocab_size)
+    return None if tables is None else Utf8Mask(tables, next(model.parameters()).device)
+
+
 def answer(model, tokenizer, prompts, max_new_tokens, temperature=0.0, top_k=None, generator=None):
-    """Answers to prompts (lists of ids), decoded together, each up to its end-of-text: [(ids, stopped)],
-    stopped False when max_new_tokens ran out first."""
-    out = generate_batch(model, prompts, max_new_tokens, temperature=temperature, top_k=top_k,
-                         stop_tokens=tokenizer.stop_tokens, generator=generator)
-    return [(ids, len(ids) < max_new_tokens) for ids in out]
+    """Answers to prompts (lists of ids), decoded together, each up to its end-of-text, in valid UTF-8:
+    [(ids, stopped)], stopped False when max_new_tokens ran out first."""
+    made = [0] * len(prompts)  # tokens each row generated, a tail cut inside a character included
+
+    def count(row, token):
+        made[row] += 1
+        return False
+    out = generate_batch(model, prompts, max_new_tokens, temperature=temperature, top_k=top_k, on_token=count,
+                         stop_tokens=tokenizer.stop_tokens, generator=generator, utf8=utf8_mask(model, tokenizer))
+    return [(ids, n < max_new_tokens) for ids, n in zip(out, made)]
 
 
 def respond(model, tokenizer, instruction, max_new_tokens=200, temperature=0.0, top_k=None, input_text="",

@@ -254,8 +254,9 @@ class StopText:
     """Text of one sample as its tokens arrive: cut at the first of the stop strings, releasing only
     text that cannot turn out to be the start of one, so streamed output never shows a stop string."""
 
-    def __init__(self, tokenizer, stops=()):
+    def __init__(self, tokenizer, stops=(), drop_incomplete=False):
         self.decoder, self.stops = StreamDecoder(tokenizer), [s for s in stops if s]
+        self.drop_incomplete = drop_incomplete  # finish() drops a character cut short instead of showing U+FFFD
         self.hold = max((len(s) for s in self.stops), default=0)  # text that may yet begin a stop string
         self.text, self.released, self.done = "", 0, False
 
@@ -283,7 +284,7 @@ class StopText:
     def finish(self):
         """The rest: held-back text and any incomplete character."""
         if not self.done:
-            self.text += self.decoder.flush()
+            self.text += "" if self.drop_incomplete else self.decoder.flush()
             at = self._first_stop(0)
             if at >= 0:
                 self.text, self.done = self.text[:at], True
@@ -300,6 +301,69 @@ def _complete_utf8_prefix(data):
         need = 1 if b < 0x80 else 2 if b >> 5 == 0b110 else 3 if b >> 4 == 0b1110 else 4 if b >> 3 == 0b11110 else 1
         return len(data) - back if need > back else len(data)
     return len(data)
+
+
+# ----------------------------------------------------------------------------- valid UTF-8 output
+# A byte-level token may hold part of a character, so a sampled sequence of them may not be UTF-8.
+# UTF-8 needs only a handful of decoder states (how many continuation bytes are due, and the range
+# the next must lie in); for each state, the tokens whose bytes can follow without breaking it are
+# computed once here, and decoding masks the others at each step (decoding.Utf8Mask).
+
+UTF8_STATES = 8  # 0: between characters; 1-3: that many continuation bytes due; 4-7: the first of them restricted
+_CONTINUE = {1: (0x80, 0xBF, 0), 2: (0x80, 0xBF, 1), 3: (0x80, 0xBF, 2),
+             4: (0xA0, 0xBF, 1), 5: (0x80, 0x9F, 1), 6: (0x90, 0xBF, 2), 7: (0x80, 0x8F, 2)}  # E0, ED, F0, F4
+
+
+def utf8_step(state, byte):
+    """The UTF-8 decoder's state after byte, or None where byte cannot come next (RFC 3629)."""
+    if state:
+        low, high, after = _CONTINUE[state]
+        return after if low <= byte <= high else None
+    if byte < 0x80:
+        return 0
+    if 0xC2 <= byte <= 0xDF:
+        return 1
+    if byte in (0xE0, 0xED, 0xF0, 0xF4):
+        return {0xE0: 4, 0xED: 5, 0xF0: 6, 0xF4: 7}[byte]
+    if 0xE1 <= byte <= 0xEF:
+        return 2
+    if 0xF1 <= byte <= 0xF3:
+        return 3
+    return None  # 0x80-0xC1 and 0xF5-0xFF never start a character
+
+
+def utf8_tables(tok, vocab_size):
+    """For a byte-level tokenizer: (allowed, next_state), lists of UTF8_STATES rows of vocab_size,
+    allowed[s][t] whether token t's bytes can follow state s, next_state[s][t] the state after them.
+    Special tokens may come only between characters; ids the tokenizer lacks (a padded vocabulary)
+    never. None for a tokenizer whose tokens are whole characters (char)."""
+    if tok.kind == "char":
+        return None
+    allowed = [[False] * vocab_size for _ in range(UTF8_STATES)]
+    after = [[0] * vocab_size for _ in range(UTF8_STATES)]
+    special = {tok.enc.encode_single_token(name) for name in tok.enc.special_tokens_set}
+    if tok.mask_token is not None:
+        special.add(tok.mask_token)
+    for t in range(min(vocab_size, tok.vocab_size)):
+        if t in special:
+            allowed[0][t] = True
+            continue
+        try:
+            data = tok.enc.decode_single_token_bytes(t)
+        except KeyError:  # a hole in the ranks: no bytes, never sampled
+            continue
+        if data.isascii():  # the common case: fits between characters only
+            allowed[0][t] = True
+            continue
+        for s in range(UTF8_STATES):
+            state = s
+            for byte in data:
+                state = utf8_step(state, byte)
+                if state is None:
+                    break
+            if state is not None:
+                allowed[s][t], after[s][t] = True, state
+    return allowed, after
 
 
 # ----------------------------------------------------------------------------- byte-level BPE

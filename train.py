@@ -427,6 +427,9 @@ def build_model(cfg, explicit, meta, n_classes):
     if maker:  # e.g. a fine-tuning config whose base model is trained by another config first
         raise UserError(f"no checkpoint at {cfg['init_from']}; train it first: python train.py {maker}")
     ckpt = load_source(cfg["init_from"], cfg["out_dir"])  # ours, a Hugging Face folder or a gpt2* name
+    if ckpt.get("quantization"):
+        raise UserError(f"the checkpoint is quantized ({ckpt['quantization']}, by quantize.py) for inference; "
+                        f"train from the float checkpoint it was made from")
     arch = dict(ckpt["model_config"])
     if arch["vocab_size"] != meta["vocab_size"]:
         raise UserError(f"the checkpoint's vocabulary has {arch['vocab_size']} tokens but dataset "
