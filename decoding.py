@@ -53,6 +53,12 @@ class KVCache:
             pad = torch.zeros(batch_size, dtype=torch.long, device=device)
         return cls(model.config.n_layer, model.config.block_size, pad, layer_windows(model.config))
 
+    def reserve(self, T, block_size):
+        """ValueError unless T more tokens fit in block_size."""
+        if self.length + T > block_size:
+            raise ValueError(f"{self.length} cached + {T} new tokens is longer than block_size "
+                             f"{block_size}; start a new cache")
+
     def positions(self, T):
         """Positions of the next T tokens, (B, T); padding slots get position 0."""
         slots = torch.arange(self.length, self.length + T, device=self.pad.device)  # (T,)
@@ -141,6 +147,77 @@ class KVCache:
                         t[:, :, :self.length - drop] = t[:, :, drop:self.length].clone()
             self.pad, self.length = self.pad - drop, self.length - drop
             self.padded = bool(self.pad.any())
+
+
+class StaticKVCache:
+    """A KV cache of fixed shapes that torch.compile can capture: every layer's buffers are
+    (B, n_kv_head, max_len, head_dim) from the start, the filled length is a tensor (pos, 0-dim) that
+    advances in place, and attention covers all max_len slots under a mask of the filled ones. A step
+    therefore has the same shapes and the same Python state whatever its position: one graph for every
+    decoding step, no recompilation (and on CUDA, one CUDA graph). The caller counts the slots it has
+    filled (a Python count would be a guard of the graph): StaticDecoder refills before max_len.
+    Sliding windows and ALiBi need distances that this mask does not carry: check_static refuses them."""
+
+    def __init__(self, n_layer, max_len, pad):
+        self.max_len, self.n_layer = max_len, n_layer
+        self.pad = pad.clone()  # (B,) long, changed in place by reset
+        self.pos = torch.zeros((), dtype=torch.long, device=pad.device)  # slots filled, the same in every row
+        self.slots = torch.arange(max_len, device=pad.device)  # (S,)
+        self.k = [None] * n_layer  # allocated by the first (eager) prefill, in the model's dtype
+        self.v = [None] * n_layer
+
+    @classmethod
+    def for_model(cls, model, pad):
+        check_static(model.config)
+        return cls(model.config.n_layer, model.config.block_size, pad)
+
+    def reset(self, pad):
+        """Empty again, rows left-padded by pad (B,): the buffers stay (their addresses too)."""
+        self.pad.copy_(pad)
+        self.pos.zero_()
+
+    def reserve(self, T, block_size):
+        pass  # no Python count to check inside a graph: StaticDecoder keeps it outside
+
+    def positions(self, T):
+        """(B, T): padding slots get position 0, as in KVCache."""
+        slots = self.pos + torch.arange(T, device=self.pad.device)  # (T,)
+        return (slots[None, :] - self.pad[:, None]).clamp(min=0)
+
+    def attn_mask(self, T):
+        """(B, 1, T, max_len) bool: filled real slots up to each query, and the query itself."""
+        q_slot = (self.pos + torch.arange(T, device=self.pad.device))[:, None]  # (T, 1)
+        k_slot = self.slots[None, :]  # (1, S)
+        real = k_slot >= self.pad[:, None, None]  # (B, 1, S)
+        return ((k_slot <= q_slot) & real | (k_slot == q_slot))[:, None]  # (B, 1, T, S)
+
+    def layer(self, i):
+        return _LayerCache(self, i)
+
+    def update(self, i, k, v):
+        """Write layer i's k, v (B, Hkv, T, d) at slots pos..pos+T; all max_len slots, (B, Hkv, S, d)."""
+        if self.k[i] is None:
+            shape = (k.size(0), k.size(1), self.max_len, k.size(3))
+            self.k[i] = torch.zeros(shape, dtype=k.dtype, device=k.device)
+            self.v[i] = torch.zeros(shape, dtype=v.dtype, device=v.device)
+        slots = self.pos + torch.arange(k.size(2), device=k.device)  # (T,)
+        self.k[i].index_copy_(2, slots, k)
+        self.v[i].index_copy_(2, slots, v)
+        return self.k[i], self.v[i]
+
+    def advance(self, T):
+        self.pos.add_(T)
+
+
+def check_static(config):
+    """ValueError naming what the static cache cannot run."""
+    if not config.causal:
+        raise ValueError("an encoder (causal=False) has no KV cache")
+    if config.positions == "alibi":
+        raise ValueError("the static KV cache does not run ALiBi (its biases count distances from the last "
+                         "slot); decode with compile=False")
+    if any(layer_windows(config)):
+        raise ValueError("the static KV cache does not run sliding-window layers; decode with compile=False")
 
 
 class _LayerCache:
@@ -325,21 +402,70 @@ class Decoder:
         self.cache.reorder(index)
 
 
+def _step(model, idx, cache):
+    """One decoding step on a static cache: idx (B, 1) -> the next logits (B, V)."""
+    logits, _ = model(idx, cache=cache)
+    return logits[:, -1, :]
+
+
+def compiled_step(device_type, backend="inductor"):
+    """_step under torch.compile: on CUDA with mode reduce-overhead (CUDA graphs replay the whole
+    step, no kernel launches from Python), elsewhere the default mode (fused kernels, less Python)."""
+    mode = "reduce-overhead" if device_type == "cuda" and backend == "inductor" else None
+    return torch.compile(_step, backend=backend, mode=mode, fullgraph=True)
+
+
+class StaticDecoder(Decoder):
+    """Decoder on a StaticKVCache, each push one call of step (compiled_step: the same graph at every
+    position). Prefills (the prompt, a slide of the window) run eagerly, their lengths being whatever
+    they are; the window slides as Decoder's does, so the tokens are Decoder's."""
+
+    def __init__(self, model, idx, pad=None, keep=None, step=None):
+        self.step = step or _step
+        self.static = None
+        super().__init__(model, idx, pad, True, keep)
+
+    def _refill(self):
+        first = min(self.start)
+        window_pad = torch.tensor([s - first for s in self.start], dtype=torch.long, device=self.seq.device)
+        if self.static is None:
+            self.static = StaticKVCache.for_model(self.model, window_pad)
+        self.static.reset(window_pad)
+        self.cache = self.static
+        logits, _ = self.model(self.seq[:, first:], cache=self.cache)
+        return logits[:, -1, :]  # (B, V)
+
+    def push(self, tokens):
+        self.seq = torch.cat((self.seq, tokens[:, None]), dim=1)
+        n = self.seq.size(1)
+        full = [row for row, s in enumerate(self.start) if n - s > self.block_size]
+        for row in full:
+            self.start[row] = n - self.keep
+        if full:
+            self.logits = self._refill()
+        else:
+            self.logits = self.step(self.model, tokens[:, None], self.cache)
+
+    def reorder(self, index):
+        raise ValueError("the static cache decodes a fixed batch; beam search runs on KVCache (compile=False)")
+
+
 # ----------------------------------------------------------------------------------------------
 # The loops: sampling steps, batches of prompts with stop tokens, beam search
 
 @torch.no_grad()
 def decode_steps(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, repetition_penalty=1.0,
-                 pad=None, generator=None, use_cache=True, utf8=None, states=None):
+                 pad=None, generator=None, use_cache=True, utf8=None, states=None, static=None):
     """Yields (tokens (B,), logits (B, V)) for each of max_new_tokens steps: the chosen tokens
     and the model's raw logits they were chosen from. idx (B, N) is left-padded by pad (B,).
+    static: decode on a StaticKVCache, each step a call of this function (compiled_step, or _step).
     With utf8 (a Utf8Mask) and states (B,), tokens that would break UTF-8 are never chosen; the
     states advance in place. The model runs only when the next step is asked for, so a caller that
     stops early costs nothing more."""
     check_sampling(temperature, top_k, top_p, repetition_penalty)
     if max_new_tokens < 1:
         return
-    decoder = Decoder(model, idx, pad, use_cache)
+    decoder = Decoder(model, idx, pad, use_cache) if static is None else StaticDecoder(model, idx, pad, step=static)
     seen = None
     if repetition_penalty != 1.0:  # which tokens each row holds, padding excluded: (B, V)
         seen = torch.zeros(idx.size(0), model.config.vocab_size, dtype=torch.bool, device=idx.device)
@@ -364,14 +490,14 @@ def decode_steps(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=
 @torch.no_grad()
 def generate_batch(model, prompts, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
                    repetition_penalty=1.0, stop_tokens=(), on_token=None, generator=None, use_cache=True,
-                   utf8=None):
+                   utf8=None, static=None):
     """Several prompts (lists of token ids, any lengths) decoded together in one left-padded
     batch. Returns the new tokens of each prompt, a list of lists. A row ends before any of
     stop_tokens (not included), or after a token for which on_token(row, token) returns True:
     that callback sees every new token of every unfinished row in order, the hook for
     streaming output and stop strings. For num_samples samples of a prompt, repeat it.
     With utf8 (a Utf8Mask) every row's bytes stay valid UTF-8, and a row cut inside a character
-    (by max_new_tokens) loses that character's first bytes."""
+    (by max_new_tokens) loses that character's first bytes. static: see decode_steps."""
     device = next(model.parameters()).device
     stop = set(stop_tokens)
     idx, pad = left_pad(prompts, device)
@@ -380,7 +506,8 @@ def generate_batch(model, prompts, max_new_tokens, temperature=1.0, top_k=None, 
     states = None if utf8 is None else utf8.states_after(prompts)
     live = set(range(len(prompts)))
     steps = decode_steps(model, idx, max_new_tokens, temperature, top_k, top_p, repetition_penalty,
-                         pad=pad, generator=generator, use_cache=use_cache, utf8=utf8, states=states)
+                         pad=pad, generator=generator, use_cache=use_cache, utf8=utf8, states=states,
+                         static=static)
     for tokens, _ in steps:
         between = None if states is None else (states == 0).tolist()
         for row, token in enumerate(tokens.tolist()):
@@ -483,13 +610,23 @@ def accept_or_resample(p, q, guess, generator=None):
 
 
 class _Speculator:
-    """One model's side of speculative decoding, batch 1: `fed`, the tokens its cache holds, and
-    `pending`, the committed tokens its next forward feeds first."""
+    """One model's side of speculative decoding, batch 1, over its window of the text, seq[start:]
+    (Decoder's: at most block_size tokens, sliding to the last `keep` when full): `fed`, the window's
+    tokens its cache holds, and `pending`, the committed tokens its next forward feeds first."""
 
     def __init__(self, model, prompt):
         self.model, self.device = model, next(model.parameters()).device
-        self.cache = KVCache.for_model(model)
-        self.fed, self.pending = [], list(prompt)
+        self.block_size, self.keep = model.config.block_size, model.config.block_size // 2
+        self.start = max(0, len(prompt) - self.block_size)
+        self.restart(prompt)
+
+    def restart(self, seq):
+        self.cache = KVCache.for_model(self.model)
+        self.fed, self.pending = [], list(seq[self.start:])
+
+    def room(self, n):
+        """Tokens that may follow a text of n tokens before this window is full."""
+        return self.block_size - (n - self.start)
 
     def forward(self, guesses=()):
         """Logits (T, V) after each of pending + guesses; they all join the cache."""
@@ -498,15 +635,24 @@ class _Speculator:
         self.fed, self.pending = self.fed + tokens, []
         return logits[0].float()
 
+    def grew(self, n):
+        """The text is n tokens long now: past a full window, slide as Decoder.push does."""
+        if n - self.start > self.block_size:
+            self.start = n - self.keep
+            self.fed = None  # the cache holds another window: refill
+
     def rewind(self, seq):
-        """Keep the cached tokens that agree with seq, the committed tokens; the rest of seq is pending."""
-        n = 0
-        for a, b in zip(self.fed, seq):
+        """Keep the cached tokens that agree with the window of seq, the committed text; the rest of the
+        window is pending."""
+        if self.fed is None:
+            return self.restart(seq)
+        window, n = seq[self.start:], 0
+        for a, b in zip(self.fed, window):
             if a != b:
                 break
             n += 1
         self.cache.truncate(n)
-        self.fed, self.pending = self.fed[:n], list(seq[n:])
+        self.fed, self.pending = self.fed[:n], list(window[n:])
 
 
 def check_speculative(target, draft):
@@ -527,8 +673,8 @@ def speculative_generate(target, draft, prompt, max_new_tokens, k=4, temperature
                          stop_tokens=(), generator=None, utf8=None):
     """The new tokens of prompt (a list of ids), sampled from target with draft's guesses, k per round,
     and stats {rounds, proposed, accepted}. Output as generate_batch's for one prompt: the same text at
-    temperature 0, the same distribution otherwise; it ends before a stop token, after max_new_tokens,
-    or when the context (the smaller block_size) is full. With utf8 (a Utf8Mask) both models' choices
+    temperature 0, the same distribution otherwise; it ends before a stop token or after max_new_tokens,
+    each model's window sliding as Decoder's does. With utf8 (a Utf8Mask) both models' choices
     keep UTF-8 valid, and a tail cut inside a character is dropped."""
     check_speculative(target, draft)
     check_sampling(temperature, top_k, top_p)
@@ -536,9 +682,6 @@ def speculative_generate(target, draft, prompt, max_new_tokens, k=4, temperature
         raise ValueError(f"k (draft tokens per round) must be >= 1, got {k}")
     if not prompt:
         raise ValueError("the prompt needs at least one token")
-    block_size = min(target.config.block_size, draft.config.block_size)
-    if len(prompt) >= block_size:
-        raise ValueError(f"the prompt has {len(prompt)} tokens and leaves no room in a context of {block_size}")
     t, d = _Speculator(target, prompt), _Speculator(draft, prompt)
     seq, n_prompt, stop = list(prompt), len(prompt), set(stop_tokens)
     state = 0 if utf8 is None else utf8.states_after([prompt])[0].item()
@@ -557,10 +700,12 @@ def speculative_generate(target, draft, prompt, max_new_tokens, k=4, temperature
         return int(probs.argmax()) if temperature == 0 else int(torch.multinomial(probs, 1, generator=generator))
 
     while True:
-        room = min(max_new_tokens - (len(seq) - n_prompt), block_size - len(seq))
+        room = max_new_tokens - (len(seq) - n_prompt)
         if room <= 0:
             break
-        n_guess = min(k, room - 1)  # the round's last token always comes from the target
+        # the round's last token always comes from the target, and every logit the target gives in this
+        # round is from one window (so, as Decoder's, the target's text); the draft's window must fit too
+        n_guess = min(k, room - 1, t.room(len(seq)), d.room(len(seq)) + 1)
         guesses, qs, s = [], [], state
         for _ in range(n_guess):  # the draft guesses one token at a time
             qs.append(dist(d.forward(guesses[-1:])[-1], s))
@@ -589,6 +734,8 @@ def speculative_generate(target, draft, prompt, max_new_tokens, k=4, temperature
                 ended = True
                 break
             seq.append(token)
+            t.grew(len(seq))
+            d.grew(len(seq))
             state = step(state, token)
             whole = len(seq) - n_prompt if state == 0 else whole
         if ended:

@@ -494,9 +494,8 @@ class GPT(nn.Module):
             raise ValueError(f"sequence of length {T} is longer than block_size {self.config.block_size}")
         if cache is not None and not self.config.causal:
             raise ValueError("an encoder (causal=False) has no KV cache: every position sees the ones after it")
-        if cache is not None and cache.length + T > self.config.block_size:
-            raise ValueError(f"{cache.length} cached + {T} new tokens is longer than block_size "
-                             f"{self.config.block_size}; start a new cache")
+        if cache is not None:
+            cache.reserve(T, self.config.block_size)
         x = self.transformer.wte(idx)  # (B, T, C)
         cos = sin = None
         if self.config.positions == "learned":

@@ -5,7 +5,9 @@ Generate text from a trained checkpoint.
   python sample.py --out_dir=out --start=FILE:prompt.txt --temperature=0.8 --top_k=200
   python sample.py --out_dir=out --prompts_file=prompts.txt --top_p=0.9 --stop="\n\n" --stream
   python sample.py --out_dir=out --beam_width=4 --num_samples=1 --temperature=0
-  python sample.py --bench    # tokens/s with the KV cache vs re-running the whole context
+  python sample.py --bench    # tokens/s: KV cache, static cache compiled, int8 weights, full recompute
+  python sample.py --out_dir=out --quantize=int8 --compile   # int8 weights, one compiled graph per step
+  python sample.py --out_dir=out --draft=out-draft --temperature=0   # speculative decoding with a small draft
   python sample.py --out_dir=out-instruct --instruct --start="Name three primary colors."
   python sample.py --out_dir=out-instruct --instruct --interactive
   python sample.py --out_dir=out-spam --start="WIN a free prize"   # a classifier: label and probability
@@ -14,7 +16,11 @@ Generate text from a trained checkpoint.
 Decoding uses a KV cache (decoding.py): the prompts are prefilled once, then each step runs the
 model on one new token, in every mode (--instruct, --interactive and --instruct_eval too). All prompts
 and their num_samples samples are decoded as one batch (left-padded), except with --stream, which
-decodes one sample at a time and prints it as it grows.
+decodes one sample at a time and prints it as it grows. --compile decodes on a static KV cache whose
+steps torch.compile captures as one graph (decoding.StaticKVCache); --quantize=int8 reads int8 weights
+(quantize.py); --draft decodes each sample speculatively: a smaller model with the same tokenizer
+guesses --draft_k tokens and the checkpoint keeps those it would have chosen (the same greedy text, the
+same distribution when sampling), printing its acceptance rate.
 Generation stops at max_new_tokens, at the tokenizer's stop tokens (end-of-text for BPE; Llama 3's
 <|end_of_text|> and <|eot_id|>) or at --stop.
 A classifier checkpoint labels the text instead (with FILE:, each non-empty line). An encoder
@@ -64,12 +70,14 @@ class SampleConfig:
     stop_at_eot: bool = True       # stop a sample at the end-of-text token (tokenizers that have one)
     stream: bool = False           # print each sample as it is generated, one sample at a time
     use_cache: bool = True         # KV cache; False re-runs the whole context every step (same text, slower)
-    bench: bool = False            # tokens/s with vs without KV cache, random 6x384 model, block 256; no checkpoint
+    bench: bool = False            # tokens/s and MBU: KV cache, int8 weights (with --compile, the compiled static cache too) and full recompute; random 6x384 model, block 256; no checkpoint
     seed: int = 1337               # random seed: the same seed gives the same samples
     device: str = "auto"           # auto | cpu | cuda | cuda:N | mps
     dtype: str = "auto"            # auto | float32 | bfloat16 | float16 (auto: as train.py's, see runtime.py)
     utf8: bool = True              # byte-level tokenizers (gpt2, bpe): never sample a token that breaks UTF-8, and drop a character cut by max_new_tokens
-    compile: bool = False          # torch.compile the model
+    compile: bool = False          # sampling: a static KV cache with one torch.compile'd graph per step (decoding.compiled_step); other modes: torch.compile the model
+    draft: str = ""                # checkpoint (file or out_dir) of a smaller model with the same tokenizer: speculative decoding, one sample at a time
+    draft_k: int = 4               # tokens the draft guesses per round (>= 1)
     quantize: str = ""             # int8 (the blocks' matrices) | int8_all (embedding and head too): weight-only int8, quantize.py; "" none
     threads: int = 0               # CPU threads for torch; 0 (auto): 1 when a CPU decodes one sequence at a time (as fast, and robust to a busy CPU), else torch's default
     instruct: bool = False         # wrap the prompt in the instruction template (tasks.py); stop at end-of-text
@@ -97,6 +105,13 @@ def check_settings(cfg):
     if cfg["beam_width"] > 1 and cfg["num_samples"] > cfg["beam_width"]:
         raise UserError(f"beam search prints the num_samples best of its beams: num_samples "
                           f"({cfg['num_samples']}) must be <= beam_width ({cfg['beam_width']})")
+    if cfg["draft_k"] < 1:
+        raise UserError(f"draft_k must be >= 1, got {cfg['draft_k']}")
+    if cfg["draft"] and (cfg["beam_width"] > 1 or cfg["instruct"] or cfg["interactive"] or cfg["instruct_eval"]):
+        raise UserError("--draft speeds up sampling from prompts; it does not run with beam search or the "
+                        "instruct modes (drop --draft)")
+    if cfg["draft"] and cfg["compile"]:
+        raise UserError("--draft and --compile do not combine (the draft's rounds feed varying lengths); drop one")
     if cfg["beam_width"] > 1 and cfg["stream"]:
         raise UserError("--stream cannot show beam search (the best beam is known only at the end); "
                           "drop --stream or use --beam_width=1")
@@ -136,10 +151,11 @@ def cut_at_stop(text, stop):
     return text[:text.index(stop)] if stop and stop in text else text
 
 
-def sampling_args(cfg, tokenizer, utf8=None):
+def sampling_args(cfg, tokenizer, fast):
+    """generate_batch's arguments: the settings', and fast's (utf8: a Utf8Mask; static: a step function)."""
     return dict(temperature=cfg["temperature"], top_k=cfg["top_k"], top_p=cfg["top_p"],
                 repetition_penalty=cfg["repetition_penalty"], use_cache=cfg["use_cache"],
-                stop_tokens=tokenizer.stop_tokens if cfg["stop_at_eot"] else (), utf8=utf8)
+                stop_tokens=tokenizer.stop_tokens if cfg["stop_at_eot"] else (), **fast)
 
 
 def print_sample(prompt_text, text):
@@ -169,7 +185,7 @@ def samples_per_prompt(cfg):
     return cfg["num_samples"]
 
 
-def run_batch(model, tokenizer, prompts, cfg, generator, utf8=None):
+def run_batch(model, tokenizer, prompts, cfg, generator, fast):
     """All prompts x num_samples decoded as one batch; prints them at the end. Returns tokens generated."""
     rows = [ids for ids in prompts for _ in range(samples_per_prompt(cfg))]
     texts = [StopText(tokenizer, [unescape(cfg["stop"])]) for _ in rows]
@@ -179,26 +195,26 @@ def run_batch(model, tokenizer, prompts, cfg, generator, utf8=None):
         return texts[row].done
 
     out = generate_batch(model, rows, cfg["max_new_tokens"], on_token=on_token, generator=generator,
-                         **sampling_args(cfg, tokenizer, utf8))
+                         **sampling_args(cfg, tokenizer, fast))
     for ids, tokens in zip(rows, out):  # decoded whole, independently of the stop checks
         print_sample(tokenizer.decode(ids), cut_at_stop(tokenizer.decode(tokens), unescape(cfg["stop"])))
     return sum(len(tokens) for tokens in out)
 
 
-def run_stream(model, tokenizer, prompts, cfg, generator, utf8=None):
+def run_stream(model, tokenizer, prompts, cfg, generator, fast):
     """One sample at a time, each printed as its tokens arrive. Returns tokens generated."""
     n, k = 0, samples_per_prompt(cfg)
     for ids in prompts:
         for _ in range(k):
             print(tokenizer.decode(ids), end="", flush=True)
-            text = StopText(tokenizer, [unescape(cfg["stop"])], drop_incomplete=utf8 is not None)
+            text = StopText(tokenizer, [unescape(cfg["stop"])], drop_incomplete=fast["utf8"] is not None)
 
             def on_token(row, token):
                 print(text.add(token), end="", flush=True)
                 return text.done
 
             out = generate_batch(model, [ids], cfg["max_new_tokens"], on_token=on_token, generator=generator,
-                                 **sampling_args(cfg, tokenizer, utf8))
+                                 **sampling_args(cfg, tokenizer, fast))
             print(text.finish())
             print("---------------", flush=True)
             n += len(out[0])
@@ -217,16 +233,20 @@ def timed(run, device):
 def bench(cfg, device):
     """Tokens/s of greedy decoding from a one-token prompt on a randomly initialised
     shakespeare-char-sized model (speed ignores the weights), side by side: the KV cache in float32,
-    with int8 weights (the blocks', then all), and the reference GPT.generate that re-runs the whole
-    context as nanoGPT's does. Each row also gives the weight bytes a token reads and the bandwidth
-    they make, over this machine's copy bandwidth measured in the same command (MBU)."""
-    from decoding import weight_bytes_per_token
+    with int8 weights (the blocks', then all), with --compile the static cache under torch.compile
+    (float32, int8), and the reference GPT.generate that re-runs the whole context as nanoGPT's does.
+    Each row also gives the weight bytes a token reads and the bandwidth they make, over this machine's
+    copy bandwidth measured in the same command (MBU)."""
+    from decoding import compiled_step, weight_bytes_per_token
     config = GPTConfig(n_layer=6, n_head=6, n_embd=384, block_size=256, vocab_size=65, dropout=0.0)
     n = cfg["max_new_tokens"]
     bandwidth = runtime.copy_bandwidth(device)
+    runs = [("kv cache", "", False), ("kv cache, int8", "int8", False), ("kv cache, int8_all", "int8_all", False)]
+    if cfg["compile"]:
+        runs += [("static cache, compiled", "", True), ("static cache, compiled, int8", "int8", True),
+                 ("static cache, compiled, int8_all", "int8_all", True)]
     rows, reference = [], None
-    for name, mode in [("kv cache", ""), ("kv cache, int8", "int8"), ("kv cache, int8_all", "int8_all"),
-                       ("full recompute", None)]:
+    for name, mode, compiled in runs + [("full recompute", None, False)]:
         torch.manual_seed(cfg["seed"])
         model = GPT(config).to(device).eval()
         kernel = quantize.prepare(model, mode) if mode else None
@@ -234,21 +254,31 @@ def bench(cfg, device):
             prompt = torch.zeros(1, 1, dtype=torch.long, device=device)
             out, dt = timed(lambda: model.generate(prompt, n, temperature=0)[0, 1:].tolist(), device)
         else:
-            generate_batch(model, [[0]], 8, temperature=0)  # warm-up: first calls pay for allocations
-            out, dt = timed(lambda: generate_batch(model, [[0]], n, temperature=0)[0], device)
+            if compiled:
+                torch._dynamo.reset()  # each model its own graph, none evicted by the others
+            static = compiled_step(torch.device(device).type) if compiled else None
+            generate_batch(model, [[0]], 8, temperature=0, static=static)  # warm-up: allocations, compilation
+            out, dt = timed(lambda: generate_batch(model, [[0]], n, temperature=0, static=static)[0], device)
         reference = reference or out
         same = sum(a == b for a, b in zip(out, reference)) / len(reference)
         rows.append((name + (f" ({kernel.split('kernel ')[1][:-1]})" if kernel else ""), len(out) / dt,
                      weight_bytes_per_token(model), same))
     print(f"{n} tokens, 6 layers x 384 wide, 6 heads, block_size 256, on {device}, "
           f"{torch.get_num_threads()} threads; copy bandwidth {bandwidth / 1e9:.1f} GB/s")
-    print(f"{'':>34} {'tokens/s':>9} {'MB/token':>9} {'GB/s':>6} {'MBU':>6}  same tokens as float32")
+    width = max(len(r[0]) for r in rows)
+    print(f"{'':>{width}} {'tokens/s':>9} {'MB/token':>9} {'GB/s':>6} {'MBU':>6}  same tokens as float32")
     for name, rate, nbytes, same in rows:
-        print(f"{name:>34} {rate:9.1f} {nbytes / 1e6:9.1f} {rate * nbytes / 1e9:6.1f} "
+        print(f"{name:>{width}} {rate:9.1f} {nbytes / 1e6:9.1f} {rate * nbytes / 1e9:6.1f} "
               f"{rate * nbytes / bandwidth:6.1%}  {same:.0%}")
-    print(f"{'speed-up of the cache':>34} {rows[0][1] / rows[-1][1]:9.1f}x")
-    print(f"{'speed-up of int8 weights':>34} {rows[1][1] / rows[0][1]:9.1f}x (int8_all "
-          f"{rows[2][1] / rows[0][1]:.1f}x)")
+    rate = {name.split(" (")[0]: r for name, r, _, _ in rows}
+    print(f"speed-up of the cache over full recompute: {rate['kv cache'] / rate['full recompute']:.1f}x")
+    print(f"speed-up of int8 weights: {rate['kv cache, int8'] / rate['kv cache']:.1f}x "
+          f"(int8_all {rate['kv cache, int8_all'] / rate['kv cache']:.1f}x)")
+    if cfg["compile"]:
+        base = rate["kv cache"]
+        print(f"speed-up of the compiled static cache over the kv cache: float32 "
+              f"{rate['static cache, compiled'] / base:.1f}x, int8 {rate['static cache, compiled, int8'] / base:.1f}x, "
+              f"int8_all {rate['static cache, compiled, int8_all'] / base:.1f}x")
 
 
 def print_labels(model, tokenizer, cfg, ckpt, device):
@@ -341,11 +371,17 @@ def instruct_loop(model, tokenizer, cfg, generator):
     return n
 
 
+def plain_sampling(cfg, model):
+    """Whether this run samples continuations of prompts (generate_batch: where the static cache runs)."""
+    return (model.config.causal and not model.config.n_classes and not cfg["instruct_eval"] and not cfg["instruct"]
+            and not cfg["interactive"] and cfg["beam_width"] == 1)
+
+
 def one_sequence_at_a_time(cfg, model):
     """Whether every decoding step of this run is of a single sequence."""
     if model.config.n_classes or cfg["instruct_eval"]:
         return False
-    if cfg["stream"] or cfg["instruct"] or cfg["interactive"]:
+    if cfg["stream"] or cfg["instruct"] or cfg["interactive"] or cfg["draft"]:
         return True
     return cfg["beam_width"] == 1 and not cfg["prompts_file"] and (cfg["num_samples"] == 1 or cfg["temperature"] == 0)
 
@@ -370,7 +406,7 @@ def decode_threads(cfg, model, device):
     return 1 if device == "cpu" and one_sequence_at_a_time(cfg, model) else 0
 
 
-def generate(model, tokenizer, ckpt, cfg, rt):
+def generate(model, tokenizer, ckpt, cfg, rt, draft=None):
     """What the checkpoint and the settings ask for; returns the number of tokens generated (None: labels)."""
     generator = torch.Generator(device=rt.device).manual_seed(cfg["seed"])
     if model.config.n_classes:
@@ -388,9 +424,56 @@ def generate(model, tokenizer, ckpt, cfg, rt):
         return run_beams(model, tokenizer, prompts, cfg)
     from tasks import utf8_mask
     utf8 = utf8_mask(model, tokenizer) if cfg["utf8"] else None
+    if draft is not None:
+        return run_speculative(model, draft, tokenizer, prompts, cfg, generator, utf8)
+    fast = dict(utf8=utf8, static=static_step(model, cfg, rt.device) if cfg["compile"] else None)
     if cfg["stream"]:
-        return run_stream(model, tokenizer, prompts, cfg, generator, utf8)
-    return run_batch(model, tokenizer, prompts, cfg, generator, utf8)
+        return run_stream(model, tokenizer, prompts, cfg, generator, fast)
+    return run_batch(model, tokenizer, prompts, cfg, generator, fast)
+
+
+def static_step(model, cfg, device):
+    """The compiled step of the static cache, or a UserError naming what it cannot run."""
+    from decoding import check_static, compiled_step
+    if not cfg["use_cache"]:
+        raise UserError("--compile decodes on a static KV cache; it does not combine with --use_cache=False")
+    try:
+        check_static(model.config)
+    except ValueError as e:
+        raise UserError(str(e).replace("compile=False", "--compile=False")) from None
+    return compiled_step(torch.device(device).type)
+
+
+def load_draft(cfg, ckpt, device):
+    """The --draft model, or a UserError if it cannot guess for this checkpoint."""
+    draft_ckpt, draft, _ = load_for_inference(cfg["draft"], cfg["draft"], device, decoder_for="--draft")
+    if draft_ckpt.get("tokenizer") != ckpt.get("tokenizer"):
+        raise UserError(f"the draft {cfg['draft']} was trained with another tokenizer than the checkpoint's; a draft "
+                        f"must share the target's tokenizer (train it on the same prepared dataset)")
+    return draft
+
+
+def run_speculative(model, draft, tokenizer, prompts, cfg, generator, utf8):
+    """Each sample of each prompt decoded speculatively with the draft; prints them, then the acceptance
+    rate. Returns tokens generated."""
+    from decoding import check_speculative, speculative_generate
+    try:
+        check_speculative(model, draft)
+    except ValueError as e:
+        raise UserError(f"--draft {cfg['draft']}: {e}") from None
+    totals, n = dict(rounds=0, proposed=0, accepted=0), 0
+    stop = tokenizer.stop_tokens if cfg["stop_at_eot"] else ()
+    for ids in prompts:
+        for _ in range(samples_per_prompt(cfg)):
+            tokens, stats = speculative_generate(model, draft, ids, cfg["max_new_tokens"], cfg["draft_k"],
+                                                 cfg["temperature"], cfg["top_k"], cfg["top_p"], stop, generator, utf8)
+            totals = {key: totals[key] + stats[key] for key in totals}
+            n += len(tokens)
+            print_sample(tokenizer.decode(ids), cut_at_stop(tokenizer.decode(tokens), unescape(cfg["stop"])))
+    rate = totals["accepted"] / max(1, totals["proposed"])
+    print(f"draft: {totals['accepted']} of {totals['proposed']} guesses accepted ({rate:.1%}), "
+          f"{n / max(1, totals['rounds']):.2f} tokens per target forward", file=sys.stderr)
+    return n
 
 
 def main(argv):
@@ -403,15 +486,18 @@ def main(argv):
         with cpu_threads(cfg["threads"]):
             return bench(cfg, rt.device)
     ckpt, model, tokenizer = load_for_inference(cfg["init_from"], cfg["out_dir"], rt.device)
+    draft = load_draft(cfg, ckpt, rt.device) if cfg["draft"] else None
     threads = decode_threads(cfg, model, rt.device)
     note = quantize.prepare(model, cfg["quantize"], getattr(torch, rt.dtype))
     if note:
         print(note, file=sys.stderr)
-    if cfg["compile"]:
+    if draft is not None:
+        quantize.prepare(draft, cfg["quantize"], getattr(torch, rt.dtype))
+    if cfg["compile"] and not plain_sampling(cfg, model):
         model = torch.compile(model, dynamic=True)  # the context grows every step: one graph for all lengths
     t0 = time.perf_counter()
     with cpu_threads(threads), rt.autocast():
-        n = generate(model, tokenizer, ckpt, cfg, rt)
+        n = generate(model, tokenizer, ckpt, cfg, rt, draft)
     dt = time.perf_counter() - t0
     if n is not None:
         print(f"{n} tokens in {dt:.2f} s: {n / dt:.1f} tokens/s" + (f"\n{busy}" if busy else ""), file=sys.stderr)

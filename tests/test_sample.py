@@ -172,11 +172,21 @@ def test_bad_sampling_arguments_end_with_one_line_and_exit_code_2(char_dir, args
     one_line_error(run_main("sample.py", "--out_dir=out", "--dtype=float32", *args, cwd=char_dir, check=False), message)
 
 
-def test_bench_reports_cached_and_recomputed_tokens_per_second(tmp_path):
+def test_bench_reports_tokens_per_second_and_bandwidth_utilisation_of_each_way_to_decode(tmp_path):
     proc = run_main("sample.py", "--bench", "--max_new_tokens=20", "--device=cpu", cwd=tmp_path)
-    rates = dict(re.findall(r"(kv cache|full recompute):\s+([\d.]+) tokens/s", proc.stdout))
-    assert set(rates) == {"kv cache", "full recompute"} and all(float(r) > 0 for r in rates.values())
-    assert "speed-up" in proc.stdout
+    bandwidth = float(re.search(r"copy bandwidth ([\d.]+) GB/s", proc.stdout).group(1))
+    rows = {name: [float(x) for x in nums] for name, *nums in
+            re.findall(r"^\s*(.+?)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)%\s+(\d+)%$", proc.stdout, re.M)}
+    names = {n.split(" (")[0] for n in rows}
+    assert names == {"kv cache", "kv cache, int8", "kv cache, int8_all", "full recompute"}, proc.stdout
+    for name, (rate, mb, gbs, mbu, same) in rows.items():
+        assert rate > 0 and mb > 0
+        assert gbs == pytest.approx(rate * mb / 1e3, abs=0.06)  # GB/s is MB/token x tokens/s
+        assert mbu == pytest.approx(100 * gbs / bandwidth, abs=1.5) and 0 <= same <= 100
+    fp32 = rows["kv cache"][1]
+    int8 = next(v for n, v in rows.items() if n.startswith("kv cache, int8 "))[1]
+    assert 3.0 < fp32 / int8 < 4.2  # int8 matrices read a quarter of float32's bytes, plus their scales
+    assert "speed-up of the cache over full recompute" in proc.stdout
 
 
 @pytest.mark.parametrize("args, one", [
@@ -209,3 +219,47 @@ def test_a_busy_cpu_is_named_after_the_speed_line(char_dir, monkeypatch):
     result = run_main("sample.py", "--out_dir=out", "--max_new_tokens=4", "--num_samples=1", cwd=char_dir)
     speed, note = result.stderr.strip().splitlines()
     assert " tokens in " in speed and note.startswith("note: the load average is 9.0 on ") and "A busy CPU" in note
+
+
+@pytest.fixture(scope="module")
+def draft_dir(bpe_dir):
+    """bpe_dir with a second, smaller model trained on the same dataset in draft/: a draft for out/."""
+    run_main("train.py", *TINY_MODEL, "--n_layer=1", "--n_embd=16", "--out_dir=draft", "--max_iters=30",
+             "--eval_interval=30", cwd=bpe_dir)
+    return bpe_dir
+
+
+def test_a_draft_model_leaves_the_greedy_text_unchanged_and_reports_its_acceptance(draft_dir, capsys, monkeypatch):
+    args = ["--start=The ", "--num_samples=1", "--max_new_tokens=40", "--temperature=0"]
+    alone = sample_in_process(draft_dir, monkeypatch, *args).text
+    capsys.readouterr()
+    with_draft = sample_in_process(draft_dir, monkeypatch, *args, "--draft=draft", "--draft_k=3").text
+    assert with_draft == alone and len(alone) > len("The ") + 10
+    accepted, proposed = map(int, re.search(r"draft: (\d+) of (\d+) guesses accepted", capsys.readouterr().err).groups())
+    assert 0 <= accepted <= proposed and proposed > 0
+
+
+def test_a_draft_with_another_tokenizer_is_refused_in_one_line(draft_dir, char_dir):
+    result = run_main("sample.py", "--out_dir=out", f"--draft={char_dir / 'out'}", "--device=cpu", cwd=draft_dir,
+                      check=False)
+    one_line_error(result, "another tokenizer")
+
+
+def test_compile_decodes_on_the_static_cache_with_the_same_text(draft_dir, monkeypatch):
+    import decoding
+    calls = []
+    monkeypatch.setattr(decoding, "compiled_step", lambda device_type: calls.append(device_type) or decoding._step)
+    args = ["--start=The ", "--num_samples=2", "--max_new_tokens=40", "--temperature=1.0", "--seed=5"]
+    eager = sample_in_process(draft_dir, monkeypatch, *args).text
+    monkeypatch.setattr(decoding, "compiled_step", lambda device_type: calls.append(device_type) or decoding._step)
+    static = sample_in_process(draft_dir, monkeypatch, *args, "--compile").text
+    assert static == eager and calls == ["cpu"]
+
+
+@pytest.mark.slow
+def test_compile_with_inductor_gives_the_greedy_text_of_eager(draft_dir, monkeypatch):
+    args = ["--start=The ", "--num_samples=1", "--max_new_tokens=60", "--temperature=0"]
+    eager = sample_in_process(draft_dir, monkeypatch, *args).text
+    assert sample_in_process(draft_dir, monkeypatch, *args, "--compile", "--quantize=int8").text == \
+        sample_in_process(draft_dir, monkeypatch, *args, "--quantize=int8").text
+    assert sample_in_process(draft_dir, monkeypatch, *args, "--compile").text == eager
