@@ -261,7 +261,8 @@ def bench(cfg, device):
             out, dt = timed(lambda: generate_batch(model, [[0]], n, temperature=0, static=static)[0], device)
         reference = reference or out
         same = sum(a == b for a, b in zip(out, reference)) / len(reference)
-        rows.append((name + (f" ({kernel.split('kernel ')[1][:-1]})" if kernel else ""), len(out) / dt,
+        kernel = kernel and ("fused" if compiled else kernel.split("kernel ")[1][:-1])  # quantize._fused
+        rows.append((name + (f" ({kernel})" if kernel else ""), len(out) / dt,
                      weight_bytes_per_token(model), same))
     print(f"{n} tokens, 6 layers x 384 wide, 6 heads, block_size 256, on {device}, "
           f"{torch.get_num_threads()} threads; copy bandwidth {bandwidth / 1e9:.1f} GB/s")
@@ -490,7 +491,8 @@ def main(argv):
     threads = decode_threads(cfg, model, rt.device)
     note = quantize.prepare(model, cfg["quantize"], getattr(torch, rt.dtype))
     if note:
-        print(note, file=sys.stderr)
+        print(note + ("; decoding steps: the fused product under torch.compile" if cfg["compile"] else ""),
+              file=sys.stderr)
     if draft is not None:
         quantize.prepare(draft, cfg["quantize"], getattr(torch, rt.dtype))
     if cfg["compile"] and not plain_sampling(cfg, model):
