@@ -74,13 +74,12 @@ def model_from_checkpoint(ckpt):
     except (TypeError, ValueError) as e:
         raise UserError(f"the checkpoint's model_config is not a model this code can build ({first_line(e)})") from None
     if ckpt.get("quantization"):  # saved by quantize.py: the int8 modules first, then their tensors
-        from quantize import quantize_model, tie_quantized
+        from quantize import quantize_model
         try:
             quantize_model(model, ckpt["quantization"], weights=False)
         except ValueError as e:
             raise UserError(f"the checkpoint's quantization cannot be rebuilt ({e})") from None
         model.load_state_dict(ckpt["model"])
-        tie_quantized(model)
         return model
     model.load_state_dict(ckpt["model"])
     return model

@@ -606,7 +606,8 @@ def accept_or_resample(p, q, guess, generator=None):
     leftover = (p - q).clamp(min=0)
     if leftover.sum() <= 0:  # p == q up to rounding: any refusal was rounding; p itself is the answer
         leftover = p
-    return False, int(torch.multinomial(leftover / leftover.sum(), 1, generator=generator))
+    token = int(torch.multinomial(leftover / leftover.sum(), 1, generator=generator))
+    return token == guess, token  # p's fallback may draw the guess again: then it was kept after all
 
 
 class _Speculator:
@@ -651,6 +652,7 @@ class _Speculator:
             if a != b:
                 break
             n += 1
+        n = min(n, len(window) - 1)  # the next forward feeds at least the last token: its logits come next
         self.cache.truncate(n)
         self.fed, self.pending = self.fed[:n], list(window[n:])
 

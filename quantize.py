@@ -157,12 +157,21 @@ class Int8Linear(nn.Module):
 
 class Int8Embedding(nn.Module):
     """An embedding table held as int8 rows and scales; a lookup dequantizes only the rows it reads.
-    Tied to an Int8Linear head, both hold the same tensors."""
+    Tied to an Int8Linear head, it holds no tensors of its own and reads the head's: a model moved or
+    cast (Module._apply replaces each module's buffers on its own) still has one table."""
 
-    def __init__(self, num_embeddings, embedding_dim):
+    def __init__(self, num_embeddings, embedding_dim, head=None):
         super().__init__()
-        self.register_buffer("qweight", torch.zeros(num_embeddings, embedding_dim, dtype=torch.int8))
-        self.register_buffer("scales", torch.ones(num_embeddings))
+        self._head = [head]  # in a list, so that the head is not a second submodule (nor a second state dict entry)
+        if head is None:
+            self.register_buffer("qweight", torch.zeros(num_embeddings, embedding_dim, dtype=torch.int8))
+            self.register_buffer("scales", torch.ones(num_embeddings))
+
+    def __getattr__(self, name):
+        head = self.__dict__.get("_head", [None])[0]
+        if head is not None and name in ("qweight", "scales"):
+            return getattr(head, name)
+        return super().__getattr__(name)
 
     def forward(self, idx):  # (B, T) -> (B, T, C)
         return self.qweight[idx].to(self.scales.dtype) * self.scales[idx][..., None]
@@ -199,20 +208,12 @@ def quantize_model(model, mode, weights=True):
     if mode == "int8_all":
         wte, tied = model.transformer.wte, model.config.tie_embeddings
         model.lm_head = convert(model.lm_head)
-        emb = Int8Embedding(wte.num_embeddings, wte.embedding_dim)
-        if tied:  # one table read both ways
-            emb.qweight, emb.scales = model.lm_head.qweight, model.lm_head.scales
-        elif weights:
+        emb = Int8Embedding(wte.num_embeddings, wte.embedding_dim, model.lm_head if tied else None)  # tied: one table
+        if weights and not tied:
             emb.qweight, emb.scales = quantize_rows(wte.weight)
         model.transformer.wte = emb
     model.quantization = mode
     return model
-
-
-def tie_quantized(model):
-    """After loading a state dict into a tied int8_all model: the embedding reads the head's tensors again."""
-    if getattr(model, "quantization", "") == "int8_all" and model.config.tie_embeddings:
-        model.transformer.wte.qweight, model.transformer.wte.scales = model.lm_head.qweight, model.lm_head.scales
 
 
 def set_kernel(model, dtype=torch.float32):

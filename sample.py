@@ -484,7 +484,7 @@ def main(argv):
     torch.manual_seed(cfg["seed"])
     busy = runtime.busy_cpu_note(rt.device)  # before this run's own load counts in it
     if cfg["bench"]:
-        with cpu_threads(cfg["threads"]):
+        with cpu_threads(cfg["threads"] or (1 if rt.device == "cpu" else 0)):  # batch 1: decode_threads' rule
             return bench(cfg, rt.device)
     ckpt, model, tokenizer = load_for_inference(cfg["init_from"], cfg["out_dir"], rt.device)
     draft = load_draft(cfg, ckpt, rt.device) if cfg["draft"] else None

@@ -4,10 +4,13 @@ the text a valid prefix; decoding with the mask (generate_batch, speculative_gen
 sample.py) never produces U+FFFD, where the same model without it does, and drops a character that
 max_new_tokens cut short."""
 import codecs
+import copy
+import itertools
 import random
 
 import pytest
 import torch
+import torch.nn as nn
 
 from conftest import TINY_MODEL, prepare_tiny, run_main
 from decoding import Utf8Mask, generate_batch, speculative_generate
@@ -32,8 +35,10 @@ def walk(data, state=0):
 
 
 def python_verdict(data):
-    """Python's strict decoder on data: None if some byte can never be part of valid UTF-8, else the state
-    of the characters still open at the end (0: none), worked out from the bytes held back."""
+    """Python's strict decoder on data: None if no continuation makes it valid UTF-8, else the state of the
+    character still open at the end (0: none), worked out from the bytes Python holds back. (Python's
+    incremental decoder holds back a surrogate's first two bytes, ED A0, before refusing them; trying the
+    completions settles it.)"""
     decoder = codecs.getincrementaldecoder("utf-8")("strict")
     try:
         decoder.decode(data, final=False)
@@ -43,9 +48,13 @@ def python_verdict(data):
     if not held:
         return 0
     lead, total = held[0], 2 if held[0] < 0xE0 else 3 if held[0] < 0xF0 else 4
+    due = total - len(held)
+    edges = [0x80, 0x8F, 0x90, 0x9F, 0xA0, 0xBF]  # the ends of every range a continuation byte may be held to
+    if not any(is_utf8(held + bytes(c)) for c in itertools.product(edges, repeat=due)):
+        return None
     if len(held) == 1 and lead in (0xE0, 0xED, 0xF0, 0xF4):
         return {0xE0: 4, 0xED: 5, 0xF0: 6, 0xF4: 7}[lead]
-    return total - len(held)
+    return due
 
 
 def is_utf8(data):
@@ -66,11 +75,12 @@ def tricky_bytes(rng, n):
     pieces = [b"a", b"\n", "é".encode(), "中".encode(), "🙂".encode(), "\U0010ffff".encode(), "\ud7ff".encode(),
               "\ue000".encode(), b"\xc0\xaf", b"\xc1\xbf", b"\xe0\x80\xaf", b"\xe0\x9f\xbf", b"\xed\xa0\x80",
               b"\xed\xbf\xbf", b"\xf0\x80\x80\xaf", b"\xf0\x8f\xbf\xbf", b"\xf4\x90\x80\x80", b"\xf5\x80\x80\x80",
-              b"\xff", b"\xfe", b"\x80", b"\xbf", b"\xe4\xb8", b"\xf0\x9f"]
+              b"\xff", b"\xfe", b"\x80", b"\xbf", b"\xe4\xb8", b"\xf0\x9f", b"\xf0\x9f\x99", b"\xe0", b"\xed",
+              b"\xf0", b"\xf4", b"\xf1", b"\xc3"]
     out = []
     for _ in range(n):
         parts = [rng.choice(pieces) if rng.random() < 0.7 else bytes([rng.randrange(256)])
-                 for _ in range(rng.randint(1, 6))]
+                 for _ in range(rng.randint(1, 5))]
         out.append(b"".join(parts))
     return out
 
@@ -250,26 +260,26 @@ def test_a_prompt_ending_inside_a_character_is_continued_by_the_bytes_that_compl
 
 def test_special_tokens_are_sampled_only_between_characters(tok, random_model):
     eot = tok.eot_token
-    mask = utf8_mask(random_model, tok)
-    gen = torch.Generator().manual_seed(1)
+    model = copy.deepcopy(random_model)
+    head = nn.Linear(model.config.n_embd, model.config.vocab_size, bias=True)
+    head.weight = model.lm_head.weight
+    with torch.no_grad():
+        head.bias.zero_()
+        head.bias[eot] = 4.0  # end-of-text about one token in ten wherever it is allowed
+    model.lm_head = head
     recorded = [[] for _ in range(20)]
 
     def record(row, token):
         recorded[row].append(token)
         return False
-    # make end-of-text likely: a bias on its logit
-    with torch.no_grad():
-        random_model.lm_head.weight[eot] += 0.0
     prompt = tok.encode("x")
-    generate_batch(random_model, [prompt] * 20, 60, temperature=3.0, generator=gen, utf8=mask, on_token=record)
-    positions = 0
+    samples(model, tok, prompt, length=60, on_token=record)
+    inside = 0
     for tokens in recorded:
-        for i, t in enumerate(tokens):
-            if t == eot:
-                positions += 1
-                assert python_verdict(tok.decode_bytes(prompt + tokens[:i])) == 0
-    allowed, _ = mask.tables
-    assert not any(allowed[s][eot] for s in range(1, UTF8_STATES))
+        states = [python_verdict(tok.decode_bytes(prompt + tokens[:i])) for i in range(len(tokens))]
+        assert all(s == 0 for s, t in zip(states, tokens) if t == eot)
+        inside += sum(s != 0 for s in states)
+    assert sum(t == eot for tokens in recorded for t in tokens) >= 20 and inside >= 100  # both kinds of places
 
 
 def test_greedy_and_sampled_speculative_decoding_keep_the_mask(tok, random_model):
@@ -287,21 +297,23 @@ def test_greedy_and_sampled_speculative_decoding_keep_the_mask(tok, random_model
 
 
 def test_the_engine_keeps_every_row_valid_utf8(tok, random_model):
+    prompts = [tok.encode("Hello") + ([0xE4] if i % 2 else []) for i in range(6)]  # half inside a character
+
     def run(mask):
-        engine = Engine(random_model, max_batch=4, max_queue=8, utf8=mask)
-        rows, ended = [[] for _ in range(6)], []
-        for i in range(6):
-            prompt = tok.encode("Hello") + ([0xE4] if i % 2 else [])  # half of them inside a character
-            engine.submit(Request(prompt, 80, seed=i, on_token=lambda t, lp, top, row=rows[i]: row.append(t) and False,
-                                  on_end=ended.append))
-            rows[i].insert(0, prompt)
-        while len(ended) < 6:
+        engine = Engine(random_model, max_batch=4, max_queue=8, utf8=mask)  # 6 requests: two wait, then join
+        rows, ended = [[] for _ in prompts], []
+        for prompt, row, seed in zip(prompts, rows, range(6)):
+            assert engine.submit(Request(prompt, 80, seed=seed, on_token=lambda t, lp, top, row=row: row.append(t),
+                                         on_end=ended.append))
+        while len(ended) < len(prompts):
             engine.admit(wait=False)
             if engine.rows:
                 engine.step()
-        return [tok.decode_bytes(row[0] + row[1:]) for row in rows]
+        assert set(ended) == {"length"}
+        return [tok.decode_bytes(prompt + row) for prompt, row in zip(prompts, rows)]
     masked = run(utf8_mask(random_model, tok))
     assert all(python_verdict(data) is not None for data in masked)  # valid, perhaps ending inside a character
+    assert all(len(data) > 40 for data in masked)
     unmasked = run(None)
     assert sum(python_verdict(data) is None for data in unmasked) >= 4
 
@@ -318,12 +330,22 @@ def test_stop_text_drops_an_unfinished_character_only_when_asked(tok):
     assert "".join(plain.add(t) for t in ids) + plain.finish() == "OK 中\ufffd"
 
 
+def shown_until_done(text, ids):
+    """What a caller shows: the text of each token until done (sample.py and serve.py stop the row there)."""
+    out = ""
+    for t in ids:
+        out += text.add(t)
+        if text.done:
+            break
+    return out + text.finish()
+
+
 def test_stop_text_with_a_stop_string_and_drop_incomplete(tok):
     ids = tok.encode("ab END cd") + [0xE6]
     shown = StopText(tok, ["END"], drop_incomplete=True)
-    assert "".join(shown.add(t) for t in ids) + shown.finish() == "ab "
+    assert shown_until_done(shown, ids) == "ab " and shown.done
     unfinished = StopText(tok, ["zz"], drop_incomplete=True)
-    assert "".join(unfinished.add(t) for t in ids) + unfinished.finish() == "ab END cd"
+    assert shown_until_done(unfinished, ids) == "ab END cd" and not unfinished.done
 
 
 # ----------------------------------------------------------------------------------------------
