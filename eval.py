@@ -314,6 +314,8 @@ def main(argv):
         rows += run_task(task, cfg, model, tokenizer, ckpt, rt.autocast)
     if harness:
         rows += lm_eval_rows(cfg, *harness, model, tokenizer, rt.autocast)
+    if getattr(model, "quantization", ""):  # its own rows in eval.json, beside the float model's
+        rows = [{**r, "task": f"{r['task']} [{model.quantization}]"} for r in rows]
     print_table(rows)
     path = results_path(cfg)
     source = cfg["out_dir"] if cfg["init_from"] == "resume" else cfg["init_from"]

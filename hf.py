@@ -447,6 +447,8 @@ def export(ckpt_path, out_dir, adapter_dir=None):
     if c.get("n_classes"):
         raise UserError(f"{ckpt_path} is a classifier: its head (with a bias) has no place in transformers' "
                         f"*ForSequenceClassification (a head without one); hf.py exports language models only")
+    if ckpt.get("quantization"):
+        raise UserError(f"{ckpt_path} holds quantize.py's int8 weights; export the float checkpoint it was made from")
     if adapter_dir is not None and not c.get("lora_rank"):
         raise UserError(f"{ckpt_path} has no LoRA adapters (lora_rank=0), so --adapter has nothing to write; "
                         f"export it without --adapter")

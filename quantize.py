@@ -16,10 +16,10 @@ Design choices:
 - Activations stay in the model's dtype; only the matrix product sees int8 weights. The product's
   kernel is chosen at run time by timing the candidates on this machine (choose_kernel): torch's
   int8 weight-only kernel with bfloat16 or with the model's own activations, or dequantizing the
-  rows first (works everywhere). Kernels differ by CPU and GPU, and the choice is printed. Under
-  torch.compile (the static cache's decoding step) a product of a few rows is written so that inductor
-  fuses the dequantization into one loop over the int8 weights (_fused): no conversion of the
-  activations, float32 accumulation, the fastest of all where we measured it.
+  rows first (works everywhere). Kernels differ by CPU and GPU, and the choice is printed. The same
+  kernel runs under torch.compile (the static cache): a broadcast-and-sum product that inductor fuses
+  into one loop over the int8 weights was measured too, and ran at less than half its tokens/s (AVX-512
+  without bf16).
 - Two modes: "int8" quantizes the transformer blocks' matrices (attention and MLP, 95%+ of a small
   model's weight bytes once the vocabulary is small); "int8_all" also the token embedding and the
   output head (one shared table when they are tied), the largest matrix of a GPT-2-vocabulary model.
@@ -71,15 +71,7 @@ def _dequant(x, q, scales):
     return F.linear(x, dequantize_rows(q, scales, x.dtype))
 
 
-def _fused(x, q, scales):
-    """x @ (q s)^T written as a broadcast product and a sum: eagerly a huge temporary, but under
-    torch.compile one fused loop that reads each int8 weight once and accumulates in x's dtype (the
-    decoding step of a static cache, a few rows), where the kernels above pay a conversion per call."""
-    return (x.unsqueeze(-2) * q.to(x.dtype)).sum(-1) * scales.to(x.dtype)
-
-
 KERNELS = {"int8pack_bf16": _int8pack_bf16, "int8pack": _int8pack, "dequant": _dequant}
-FUSED_ROWS = 8  # at most this many rows (batch x tokens) take _fused under torch.compile
 _chosen = {}  # (device type, dtype) -> kernel name
 
 
@@ -145,10 +137,7 @@ class Int8Linear(nn.Module):
         return m
 
     def forward(self, x):  # x (..., in) -> (..., out)
-        if torch.compiler.is_compiling() and x.numel() <= FUSED_ROWS * self.in_features:
-            y = _fused(x, self.qweight, self.scales)
-        else:
-            y = KERNELS[self.kernel](x, self.qweight, self.scales if self.kernel_scales is None else self.kernel_scales)
+        y = KERNELS[self.kernel](x, self.qweight, self.scales if self.kernel_scales is None else self.kernel_scales)
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def extra_repr(self):

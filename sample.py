@@ -230,13 +230,14 @@ def timed(run, device):
     return out, time.perf_counter() - t0
 
 
-def bench(cfg, device):
+def bench(cfg, device, rounds=3):
     """Tokens/s of greedy decoding from a one-token prompt on a randomly initialised
     shakespeare-char-sized model (speed ignores the weights), side by side: the KV cache in float32,
     with int8 weights (the blocks', then all), with --compile the static cache under torch.compile
     (float32, int8), and the reference GPT.generate that re-runs the whole context as nanoGPT's does.
-    Each row also gives the weight bytes a token reads and the bandwidth they make, over this machine's
-    copy bandwidth measured in the same command (MBU)."""
+    The rows take turns for `rounds` rounds and each reports its median, so a machine that slows down
+    for a while slows every row. Each row also gives the weight bytes a token reads and the bandwidth
+    they make, over this machine's copy bandwidth measured in the same command (MBU)."""
     from decoding import compiled_step, weight_bytes_per_token
     config = GPTConfig(n_layer=6, n_head=6, n_embd=384, block_size=256, vocab_size=65, dropout=0.0)
     n = cfg["max_new_tokens"]
@@ -245,41 +246,46 @@ def bench(cfg, device):
     if cfg["compile"]:
         runs += [("static cache, compiled", "", True), ("static cache, compiled, int8", "int8", True),
                  ("static cache, compiled, int8_all", "int8_all", True)]
-    rows, reference = [], None
+    rows = []  # [name, decode (a function), weight bytes per token, tokens/s of each round, tokens]
     for name, mode, compiled in runs + [("full recompute", None, False)]:
         torch.manual_seed(cfg["seed"])
         model = GPT(config).to(device).eval()
         kernel = quantize.prepare(model, mode) if mode else None
         if mode is None:
             prompt = torch.zeros(1, 1, dtype=torch.long, device=device)
-            out, dt = timed(lambda: model.generate(prompt, n, temperature=0)[0, 1:].tolist(), device)
+            decode = (lambda m, p: lambda: m.generate(p, n, temperature=0)[0, 1:].tolist())(model, prompt)
         else:
-            if compiled:
-                torch._dynamo.reset()  # each model its own graph, none evicted by the others
             static = compiled_step(torch.device(device).type) if compiled else None
+            decode = (lambda m, st: lambda: generate_batch(m, [[0]], n, temperature=0, static=st)[0])(model, static)
             generate_batch(model, [[0]], 8, temperature=0, static=static)  # warm-up: allocations, compilation
-            out, dt = timed(lambda: generate_batch(model, [[0]], n, temperature=0, static=static)[0], device)
-        reference = reference or out
-        same = sum(a == b for a, b in zip(out, reference)) / len(reference)
-        kernel = kernel and ("fused" if compiled else kernel.split("kernel ")[1][:-1])  # quantize._fused
-        rows.append((name + (f" ({kernel})" if kernel else ""), len(out) / dt,
-                     weight_bytes_per_token(model), same))
+        rows.append([name + (f" ({kernel.split('kernel ')[1][:-1]})" if kernel else ""), decode,
+                     weight_bytes_per_token(model), [], None])
+    for _ in range(rounds):
+        for row in rows:
+            row[4], dt = timed(row[1], device)
+            row[3].append(len(row[4]) / dt)
+    reference = rows[0][4]
     print(f"{n} tokens, 6 layers x 384 wide, 6 heads, block_size 256, on {device}, "
-          f"{torch.get_num_threads()} threads; copy bandwidth {bandwidth / 1e9:.1f} GB/s")
+          f"{torch.get_num_threads()} threads, median of {rounds} rounds; copy bandwidth {bandwidth / 1e9:.1f} GB/s")
     width = max(len(r[0]) for r in rows)
     print(f"{'':>{width}} {'tokens/s':>9} {'MB/token':>9} {'GB/s':>6} {'MBU':>6}  same tokens as float32")
-    for name, rate, nbytes, same in rows:
-        print(f"{name:>{width}} {rate:9.1f} {nbytes / 1e6:9.1f} {rate * nbytes / 1e9:6.1f} "
-              f"{rate * nbytes / bandwidth:6.1%}  {same:.0%}")
-    rate = {name.split(" (")[0]: r for name, r, _, _ in rows}
+    rate = {}
+    for name, _, nbytes, rates, out in rows:
+        r = sorted(rates)[len(rates) // 2]
+        rate[name.split(" (")[0]] = r
+        same = sum(a == b for a, b in zip(out, reference)) / len(reference)
+        print(f"{name:>{width}} {r:9.1f} {nbytes / 1e6:9.1f} {r * nbytes / 1e9:6.1f} {r * nbytes / bandwidth:6.1%}  "
+              f"{same:.0%}")
     print(f"speed-up of the cache over full recompute: {rate['kv cache'] / rate['full recompute']:.1f}x")
     print(f"speed-up of int8 weights: {rate['kv cache, int8'] / rate['kv cache']:.1f}x "
           f"(int8_all {rate['kv cache, int8_all'] / rate['kv cache']:.1f}x)")
     if cfg["compile"]:
-        base = rate["kv cache"]
-        print(f"speed-up of the compiled static cache over the kv cache: float32 "
-              f"{rate['static cache, compiled'] / base:.1f}x, int8 {rate['static cache, compiled, int8'] / base:.1f}x, "
-              f"int8_all {rate['static cache, compiled, int8_all'] / base:.1f}x")
+        c = rate["static cache, compiled"]
+        print(f"compiled static cache: float32 {c / rate['kv cache']:.1f}x the kv cache's; int8 "
+              f"{rate['static cache, compiled, int8'] / rate['kv cache']:.1f}x the kv cache's float32, "
+              f"{rate['static cache, compiled, int8'] / c:.1f}x the compiled float32 (int8_all "
+              f"{rate['static cache, compiled, int8_all'] / rate['kv cache']:.1f}x, "
+              f"{rate['static cache, compiled, int8_all'] / c:.1f}x)")
 
 
 def print_labels(model, tokenizer, cfg, ckpt, device):
@@ -491,8 +497,7 @@ def main(argv):
     threads = decode_threads(cfg, model, rt.device)
     note = quantize.prepare(model, cfg["quantize"], getattr(torch, rt.dtype))
     if note:
-        print(note + ("; decoding steps: the fused product under torch.compile" if cfg["compile"] else ""),
-              file=sys.stderr)
+        print(note, file=sys.stderr)
     if draft is not None:
         quantize.prepare(draft, cfg["quantize"], getattr(torch, rt.dtype))
     if cfg["compile"] and not plain_sampling(cfg, model):

@@ -113,6 +113,9 @@ def test_an_int8_checkpoint_is_refused_in_one_line(bpe_folder, tmp_path):
                       cwd=tmp_path, check=False)
     one_line_error(result, "int8")
     assert not (tmp_path / "m.gguf").exists()
+    result = run_main("hf.py", "export", "--ckpt", str(tmp_path / "q"), "--out", "hf", cwd=tmp_path, check=False)
+    one_line_error(result, "int8")  # nor as a Hugging Face folder: transformers reads float weights
+    assert not (tmp_path / "hf").exists()
 
 
 # ----------------------------------------------------------------------------------------------

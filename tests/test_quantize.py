@@ -80,8 +80,7 @@ def test_every_kernel_computes_the_dequantized_product_on_the_dtypes_it_runs(dty
     x = torch.randn(3, 5, 32, generator=gen).to(dtype)  # (B, T, in), as a model feeds it
     want = F.linear(x.double(), dequantize_rows(q, scales, torch.float64))  # the exact product of these inputs
     ran = []
-    # and the product written for torch.compile to fuse (quantize._fused), here run eagerly
-    candidates = {**KERNELS, **({"fused": quantize._fused} if hasattr(quantize, "_fused") else {})}
+    candidates = KERNELS
     for name, kernel in candidates.items():
         try:
             got = kernel(x, q, scales)
@@ -352,22 +351,3 @@ def test_train_refuses_to_start_from_a_quantized_checkpoint(tiny_run, quantized_
                       "--max_iters=2", cwd=folder, check=False)
     one_line_error(result, "the checkpoint is quantized (int8, by quantize.py)")
     assert not (folder / "again" / "ckpt.pt").exists()
-
-
-def test_under_torch_compile_a_few_rows_take_the_fused_product_with_the_same_result(monkeypatch):
-    torch.manual_seed(0)
-    linear = nn.Linear(32, 48, bias=True)
-    layer = Int8Linear.from_linear(linear)
-    traced = []
-    fused = quantize._fused
-    monkeypatch.setattr(quantize, "_fused", lambda x, q, s: traced.append(x.shape[:-1]) or fused(x, q, s))
-    torch._dynamo.reset()
-    compiled = torch.compile(layer, backend="eager", fullgraph=True)  # dynamo traces, no inductor: quick
-    q, scales = quantize_rows(linear.weight)
-    for x in (torch.randn(1, 1, 32), torch.randn(4, 9, 32)):  # one decoding step's row; a prefill's many
-        want = F.linear(x, dequantize_rows(q, scales), linear.bias)
-        torch.testing.assert_close(compiled(x), want, rtol=1e-5, atol=1e-5)
-    assert traced == [(1, 1)]  # the step took the fused product; the prefill the chosen kernel
-    torch.testing.assert_close(layer(torch.ones(1, 1, 32)), F.linear(torch.ones(1, 1, 32), dequantize_rows(q, scales),
-                                                                     linear.bias))
-    assert traced == [(1, 1)]  # eagerly never
