@@ -9,8 +9,8 @@ Benchmarks: every speed figure in the README comes from this script.
   python bench.py --suite=switches                        # each architecture switch against the speedrun config
 
 Speed: `train.py CONFIG --bench=N` in a fresh process times N training steps and sampling (ms/iter,
-tokens/s, MFU on GPUs, peak memory, sampling tokens/s). Time to target: the config trains into a
-temporary out_dir and the clock runs from the command's start (imports and data loading count) to
+tokens/s, MFU on GPUs, peak memory, sampling tokens/s and its model-bandwidth utilisation, MBU).
+Time to target: the config trains into a temporary out_dir and the clock runs from the command's start (imports and data loading count) to
 the first evaluation at or below the target, where the run is stopped. --nanogpt=PATH runs
 nanoGPT's README CPU recipe from a clone at PATH, in the same way and in the same invocation, so
 the two are measured side by side. Anything else on the command line goes to train.py. Nothing is
@@ -141,7 +141,7 @@ def speed(argv, cwd, steps, nanogpt_row):
     for _, line in lines:
         name, sep, value = line.partition(": ")
         if sep and name in ("train ms/iter", "train tokens/s", "train mfu", "peak memory", "page faults per step",
-                            "sample tokens/s"):
+                            "sample tokens/s", "sample mbu"):
             figures[name] = value.split(" (")[0]  # the figure, without its explanation
     return figures
 

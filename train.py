@@ -52,7 +52,7 @@ from checkpoint import (describe_tokenizer, load_sharded, lora_state_dict, model
                         rng_state, save_adapters, save_checkpoint, save_sharded, set_rng_state)
 from common import UserError, description, first_line, hold_folder, read_meta, run_cli
 from configurator import parse_args
-from decoding import generate_batch
+from decoding import generate_batch, weight_bytes_per_token
 from hf import load_source
 from model import GPT, GPTConfig, preset_config, z_losses
 from optim import get_lr, make_optimizer, set_lr
@@ -1130,7 +1130,11 @@ def benchmark(run, warmup=5):
     t0 = time.perf_counter()
     generate_batch(model, [[0]], n_new, temperature=1.0)
     rt.sync()
-    print(f"sample tokens/s: {n_new / (time.perf_counter() - t0):,.1f} (batch 1, {n_new} tokens)")
+    rate = n_new / (time.perf_counter() - t0)
+    print(f"sample tokens/s: {rate:,.1f} (batch 1, {n_new} tokens)")
+    nbytes, bandwidth = weight_bytes_per_token(model), runtime.copy_bandwidth(rt.device)
+    print(f"sample mbu: {rate * nbytes / bandwidth:.1%} ({nbytes / 1e6:.1f} MB of weights a token at "
+          f"{rate * nbytes / 1e9:.2f} GB/s, over a copy bandwidth of {bandwidth / 1e9:.1f} GB/s)")
 
 
 def describe_saved(summary_path):

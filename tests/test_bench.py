@@ -6,7 +6,8 @@ import pytest
 from conftest import TINY_MODEL, run_main
 
 
-FIGURES = ("train ms/iter", "train tokens/s", "train mfu", "peak memory", "page faults per step", "sample tokens/s")
+FIGURES = ("train ms/iter", "train tokens/s", "train mfu", "peak memory", "page faults per step", "sample tokens/s",
+           "sample mbu")
 
 
 def test_bench_reads_every_figure_that_train_py_bench_prints(workdir, monkeypatch):

@@ -345,3 +345,23 @@ def test_bench_reports_tokens_per_second_for_1_4_and_8_clients(tmp_path):
     rows = [line for line in out.splitlines() if "client(s):" in line]
     assert [r.split()[0] for r in rows] == ["1", "4", "8"]
     assert all(float(r.split()[2].replace(",", "")) > 0 for r in rows)
+
+
+def test_an_int8_server_answers_with_the_greedy_text_of_sample_py_with_int8(instruct_run):
+    httpx = pytest.importorskip("httpx")
+    import quantize
+    cfg = {**serve.ServeConfig().__dict__, "out_dir": str(instruct_run / "out"), "device": "cpu", "dtype": "float32",
+           "quantize": "int8"}
+    ckpt, model, tok = load_for_inference("resume", cfg["out_dir"], "cpu")
+    assert "int8" in quantize.prepare(model, cfg["quantize"])  # what serve.main does with --quantize=int8
+    server = serve.Server(cfg, ckpt, model, tok)
+    base, stop = serve.start_in_thread(server)
+    try:
+        reply = httpx.post(base + "/v1/chat/completions", timeout=60, json={
+            "model": server.model_name, "messages": [{"role": "user", "content": PROMPT}], "temperature": 0, "max_tokens": 30})
+    finally:
+        stop()
+    sampled = run_main("sample.py", "--out_dir=out", "--instruct", f"--start={PROMPT}", "--temperature=0",
+                       "--num_samples=1", "--max_new_tokens=30", "--device=cpu", "--dtype=float32", "--quantize=int8",
+                       cwd=instruct_run).stdout.split("\n---------------")[0]
+    assert reply.status_code == 200 and reply.json()["choices"][0]["message"]["content"] == sampled

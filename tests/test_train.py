@@ -118,7 +118,7 @@ def test_two_processes_under_torchrun_match_one_process(workdir, accum):
 def test_bench_mode_prints_each_figure_and_saves_nothing(workdir):
     result = train(workdir, "--out_dir=bench", "--bench=3")
     for figure in ("train ms/iter:", "train tokens/s:", "train mfu:", "peak memory:", "page faults per step:",
-                   "sample tokens/s:"):
+                   "sample tokens/s:", "sample mbu:"):
         assert figure in result.stdout
     assert not (workdir / "bench").exists()
 
