@@ -73,14 +73,9 @@ def model_from_checkpoint(ckpt):
         model = GPT(GPTConfig.from_dict(ckpt["model_config"]))
     except (TypeError, ValueError) as e:
         raise UserError(f"the checkpoint's model_config is not a model this code can build ({first_line(e)})") from None
-    if ckpt.get("quantization"):  # saved by quantize.py: the int8 modules first, then their tensors
-        from quantize import quantize_model
-        try:
-            quantize_model(model, ckpt["quantization"], weights=False)
-        except ValueError as e:
-            raise UserError(f"the checkpoint's quantization cannot be rebuilt ({e})") from None
-        model.load_state_dict(ckpt["model"])
-        return model
+    if ckpt.get("quantization"):
+        raise UserError(f"the checkpoint holds quantize.py's {ckpt['quantization']} weights, which quantize.load_model "
+                        f"reads (sample.py, eval.py and serve.py do); train and export from the float checkpoint")
     model.load_state_dict(ckpt["model"])
     return model
 

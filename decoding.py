@@ -160,9 +160,9 @@ class StaticKVCache:
 
     def __init__(self, n_layer, max_len, pad):
         self.max_len, self.n_layer = max_len, n_layer
-        self.pad = pad.clone()  # (B,) long, changed in place by reset
-        self.pos = torch.zeros((), dtype=torch.long, device=pad.device)  # slots filled, the same in every row
-        self.slots = torch.arange(max_len, device=pad.device)  # (S,)
+        self.pad = _static(pad.clone())  # (B,) long, changed in place by reset
+        self.pos = _static(torch.zeros((), dtype=torch.long, device=pad.device))  # slots filled, the same in every row
+        self.slots = _static(torch.arange(max_len, device=pad.device))  # (S,)
         self.k = [None] * n_layer  # allocated by the first (eager) prefill, in the model's dtype
         self.v = [None] * n_layer
 
@@ -198,8 +198,8 @@ class StaticKVCache:
         """Write layer i's k, v (B, Hkv, T, d) at slots pos..pos+T; all max_len slots, (B, Hkv, S, d)."""
         if self.k[i] is None:
             shape = (k.size(0), k.size(1), self.max_len, k.size(3))
-            self.k[i] = torch.zeros(shape, dtype=k.dtype, device=k.device)
-            self.v[i] = torch.zeros(shape, dtype=v.dtype, device=v.device)
+            self.k[i] = _static(torch.zeros(shape, dtype=k.dtype, device=k.device))
+            self.v[i] = _static(torch.zeros(shape, dtype=v.dtype, device=v.device))
         slots = self.pos + torch.arange(k.size(2), device=k.device)  # (T,)
         self.k[i].index_copy_(2, slots, k)
         self.v[i].index_copy_(2, slots, v)
@@ -209,6 +209,14 @@ class StaticKVCache:
         self.pos.add_(T)
 
 
+def _static(t):
+    """t, its address marked as fixed for torch.compile: a CUDA graph reads and writes it in place
+    instead of copying it in at every replay (the cache's tensors are inputs, not module buffers).
+    guard=False: a new cache (another call) is no reason to compile again."""
+    torch._dynamo.mark_static_address(t, guard=False)
+    return t
+
+
 def check_static(config):
     """ValueError naming what the static cache cannot run."""
     if not config.causal:
@@ -216,7 +224,7 @@ def check_static(config):
     if config.positions == "alibi":
         raise ValueError("the static KV cache does not run ALiBi (its biases count distances from the last "
                          "slot); decode with compile=False")
-    if any(layer_windows(config)):
+    if config.attn_window:
         raise ValueError("the static KV cache does not run sliding-window layers; decode with compile=False")
 
 
@@ -408,11 +416,29 @@ def _step(model, idx, cache):
     return logits[:, -1, :]
 
 
-def compiled_step(device_type, backend="inductor"):
+class CompiledStep:
     """_step under torch.compile: on CUDA with mode reduce-overhead (CUDA graphs replay the whole
-    step, no kernel launches from Python), elsewhere the default mode (fused kernels, less Python)."""
-    mode = "reduce-overhead" if device_type == "cuda" and backend == "inductor" else None
-    return torch.compile(_step, backend=backend, mode=mode, fullgraph=True)
+    step, no kernel launches from Python), elsewhere the default mode (fused kernels, less Python).
+    It keeps one StaticKVCache per model and batch size and hands it out again (reset), so that later
+    calls run on the same buffers: a CUDA graph recorded once stays valid."""
+
+    def __init__(self, device_type, backend="inductor"):
+        mode = "reduce-overhead" if device_type == "cuda" and backend == "inductor" else None
+        self.fn = torch.compile(_step, backend=backend, mode=mode, fullgraph=True)
+        self.caches = {}  # (id(model), batch size) -> (model, StaticKVCache)
+
+    def __call__(self, model, idx, cache):
+        return self.fn(model, idx, cache)
+
+    def cache_for(self, model, pad):
+        key = (id(model), pad.numel())
+        if key not in self.caches or self.caches[key][0] is not model:
+            self.caches[key] = (model, StaticKVCache.for_model(model, pad))
+        return self.caches[key][1]
+
+
+def compiled_step(device_type, backend="inductor"):
+    return CompiledStep(device_type, backend)
 
 
 class StaticDecoder(Decoder):
@@ -429,7 +455,8 @@ class StaticDecoder(Decoder):
         first = min(self.start)
         window_pad = torch.tensor([s - first for s in self.start], dtype=torch.long, device=self.seq.device)
         if self.static is None:
-            self.static = StaticKVCache.for_model(self.model, window_pad)
+            make = getattr(self.step, "cache_for", None)
+            self.static = make(self.model, window_pad) if make else StaticKVCache.for_model(self.model, window_pad)
         self.static.reset(window_pad)
         self.cache = self.static
         logits, _ = self.model(self.seq[:, first:], cache=self.cache)
@@ -657,6 +684,49 @@ class _Speculator:
         self.fed, self.pending = self.fed[:n], list(window[n:])
 
 
+class _Rule:
+    """What choose_next does to one row's logits (temperature, top_k, top_p, the UTF-8 mask), for
+    speculative decoding, which needs the distribution itself and not only a draw from it."""
+
+    def __init__(self, temperature, top_k, top_p, generator, utf8):
+        self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
+        self.generator, self.utf8 = generator, utf8
+
+    def step(self, s, token):
+        """The UTF-8 state after token."""
+        return 0 if self.utf8 is None else self.utf8.tables[1][s][token]
+
+    def dist(self, logits, s):
+        """(V,) logits -> what choose_next draws from: probabilities, or the logits when greedy."""
+        if self.utf8 is not None:
+            logits = self.utf8.apply(logits[None], torch.tensor([s], device=logits.device))[0]
+        if self.temperature == 0:
+            return logits
+        return sampling_probs(logits[None], self.temperature, self.top_k, self.top_p)[0]
+
+    def draw(self, probs):
+        if self.temperature == 0:
+            return int(probs.argmax())
+        return int(torch.multinomial(probs, 1, generator=self.generator))
+
+    def verify(self, logits, guesses, qs, s):
+        """The target's logits (n + 1, V) before each of n guesses (drawn from qs) and after them all:
+        (the round's tokens, how many guesses were kept)."""
+        new = []
+        for i, guess in enumerate(guesses):
+            p = self.dist(logits[i], s)
+            if self.temperature == 0:
+                kept, token = guess == int(p.argmax()), int(p.argmax())
+            else:
+                kept, token = accept_or_resample(p, qs[i], guess, self.generator)
+            new.append(token)
+            s = self.step(s, token)
+            if not kept:
+                return new, i
+        # every guess kept: the target's next token comes free with the same forward
+        return new + [self.draw(self.dist(logits[len(guesses)], s))], len(guesses)
+
+
 def check_speculative(target, draft):
     """ValueError for a pair of models that cannot decode together."""
     for name, m in (("target", target), ("draft", draft)):
@@ -672,12 +742,13 @@ def check_speculative(target, draft):
 
 @torch.no_grad()
 def speculative_generate(target, draft, prompt, max_new_tokens, k=4, temperature=1.0, top_k=None, top_p=None,
-                         stop_tokens=(), generator=None, utf8=None):
+                         stop_tokens=(), generator=None, utf8=None, on_token=None):
     """The new tokens of prompt (a list of ids), sampled from target with draft's guesses, k per round,
     and stats {rounds, proposed, accepted}. Output as generate_batch's for one prompt: the same text at
     temperature 0, the same distribution otherwise; it ends before a stop token or after max_new_tokens,
-    each model's window sliding as Decoder's does. With utf8 (a Utf8Mask) both models' choices
-    keep UTF-8 valid, and a tail cut inside a character is dropped."""
+    each model's window sliding as Decoder's does, or after a token for which on_token(token) returns
+    True (stop strings). With utf8 (a Utf8Mask) both models' choices keep UTF-8 valid, and a tail cut
+    inside a character is dropped."""
     check_speculative(target, draft)
     check_sampling(temperature, top_k, top_p)
     if k < 1:
@@ -690,17 +761,7 @@ def speculative_generate(target, draft, prompt, max_new_tokens, k=4, temperature
     whole = 0  # new tokens that end between characters
     stats = dict(rounds=0, proposed=0, accepted=0)
 
-    def step(s, token):  # the UTF-8 state after token
-        return 0 if utf8 is None else utf8.tables[1][s][token]
-
-    def dist(logits, s):  # (V,) logits -> what choose_next draws from: probabilities, or logits when greedy
-        if utf8 is not None:
-            logits = utf8.apply(logits[None], torch.tensor([s], device=logits.device))[0]
-        return logits if temperature == 0 else sampling_probs(logits[None], temperature, top_k, top_p)[0]
-
-    def draw(probs):
-        return int(probs.argmax()) if temperature == 0 else int(torch.multinomial(probs, 1, generator=generator))
-
+    rule = _Rule(temperature, top_k, top_p, generator, utf8)
     while True:
         room = max_new_tokens - (len(seq) - n_prompt)
         if room <= 0:
@@ -710,24 +771,12 @@ def speculative_generate(target, draft, prompt, max_new_tokens, k=4, temperature
         n_guess = min(k, room - 1, t.room(len(seq)), d.room(len(seq)) + 1)
         guesses, qs, s = [], [], state
         for _ in range(n_guess):  # the draft guesses one token at a time
-            qs.append(dist(d.forward(guesses[-1:])[-1], s))
-            guesses.append(draw(qs[-1]))
-            s = step(s, guesses[-1])
+            qs.append(rule.dist(d.forward(guesses[-1:])[-1], s))
+            guesses.append(rule.draw(qs[-1]))
+            s = rule.step(s, guesses[-1])
         logits = t.forward(guesses)[-(n_guess + 1):]  # (n_guess + 1, V): before each guess, then after all
-        new, s = [], state
-        for i in range(n_guess):
-            p = dist(logits[i], s)
-            if temperature == 0:
-                kept, token = guesses[i] == int(p.argmax()), int(p.argmax())
-            else:
-                kept, token = accept_or_resample(p, qs[i], guesses[i], generator)
-            new.append(token)
-            s = step(s, token)
-            if not kept:
-                break
-            stats["accepted"] += 1
-        else:  # every guess kept: the target's next token comes free with the same forward
-            new.append(draw(dist(logits[n_guess], s)))
+        new, accepted = rule.verify(logits, guesses, qs, state)
+        stats["accepted"] += accepted
         stats["rounds"] += 1
         stats["proposed"] += n_guess
         ended = False
@@ -738,8 +787,11 @@ def speculative_generate(target, draft, prompt, max_new_tokens, k=4, temperature
             seq.append(token)
             t.grew(len(seq))
             d.grew(len(seq))
-            state = step(state, token)
+            state = rule.step(state, token)
             whole = len(seq) - n_prompt if state == 0 else whole
+            if on_token is not None and on_token(token):
+                ended = True
+                break
         if ended:
             break
         t.rewind(seq)

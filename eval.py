@@ -306,7 +306,7 @@ def main(argv):
     if model.config.n_classes:
         raise UserError("this checkpoint is a classifier: eval.py measures language models (a classifier's "
                         "accuracy is train.py's val/acc)")
-    note = quantize.prepare(model, cfg["quantize"], getattr(torch, rt.dtype))
+    note = quantize.prepare(model, cfg["quantize"])
     if note:
         print(note)
     rows = []

@@ -66,10 +66,10 @@ def _gguf():
 # ----------------------------------------------------------------------------------------------
 # what can be written
 
-def check_config(c, ckpt_path="the checkpoint"):
+def check_config(c, family, ckpt_path="the checkpoint"):
     """'gpt2' or 'llama' for our config c (a dict of GPTConfig fields), or a UserError naming what
-    llama.cpp cannot run."""
-    from hf import family
+    llama.cpp cannot run. family: hf.family, the rules of the Hugging Face classes (hf.py passes it in,
+    as this file is imported by hf.py)."""
     if c.get("n_classes"):
         raise UserError(f"{ckpt_path} is a classifier; GGUF holds language models (llama.cpp has no "
                         f"classification head)")
@@ -143,10 +143,9 @@ def rope_freq_factors(c):
     return (rope_inv_freq(replace(config, rope_scaling="")) / rope_inv_freq(config)).float()
 
 
-def gguf_tensors(c, sd):
+def gguf_tensors(c, sd, fam):
     """[(GGUF name, float32 tensor)] for our state dict sd (LoRA folded in) of config c, in the order
     llama.cpp's converter writes them."""
-    fam = check_config(c)
     sd = {k: v.detach().float().cpu() for k, v in sd.items()}
     H, Hkv, d = c["n_head"], c["n_kv_head"], c["head_dim"]
     out = [("token_embd.weight", sd["transformer.wte.weight"])]
@@ -259,7 +258,7 @@ def write_gguf(path, arch, c, tensors, tokenizer, gguf_type, name):
     fsync_dir(os.path.dirname(os.path.abspath(path)))
 
 
-def export_gguf(ckpt_path, out_path, gguf_type="f16"):
+def export_gguf(ckpt_path, out_path, gguf_type, family):
     """Write checkpoint ckpt_path as the GGUF file out_path. Returns (llama.cpp's architecture, a note)."""
     if gguf_type not in GGUF_TYPES:
         raise UserError(f"--gguf_type {gguf_type!r} is not one of {', '.join(GGUF_TYPES)}")
@@ -272,12 +271,13 @@ def export_gguf(ckpt_path, out_path, gguf_type="f16"):
         raise UserError(f"{ckpt_path} holds quantize.py's int8 weights; export the float checkpoint it was made "
                         f"from (--gguf_type q8_0 quantizes to GGUF's own 8 bits)")
     c = dict(ckpt["model_config"])
-    arch = ARCHITECTURES[check_config(c, ckpt_path)]
+    fam = check_config(c, family, ckpt_path)
+    arch = ARCHITECTURES[fam]
     tokenizer = gguf_tokenizer(ckpt, c["vocab_size"])  # before anything is written: it may be refused
     weights = ckpt["model"]
     if c.get("lora_rank"):
         weights, c["lora_rank"] = model_from_checkpoint(ckpt).merge_lora().state_dict(), 0
-    tensors = gguf_tensors(c, weights)
+    tensors = gguf_tensors(c, weights, fam)
     folder = os.path.dirname(os.path.abspath(out_path))
     make_folder(folder, "the folder of --out")
     name = Path(ckpt_path).resolve().parent.name if Path(ckpt_path).is_file() else Path(ckpt_path).resolve().name

@@ -42,6 +42,7 @@ from checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from common import ArgumentParser, UserError, description, make_folder, run_cli
 from export_gguf import GGUF_TYPES, export_gguf
 from model import GPTConfig
+from quantize import load_model
 
 # Hub names accepted as init_from, and the repositories that hold OpenAI's weights
 HUB_MODELS = {"gpt2": "openai-community/gpt2", "gpt2-medium": "openai-community/gpt2-medium",
@@ -429,7 +430,7 @@ def load_for_inference(init_from, out_dir, device, decoder_for=""):
     if not ckpt.get("tokenizer"):
         raise UserError("the checkpoint records no tokenizer, so its token ids cannot be turned into text; "
                         "fine-tune it on a prepared dataset first (the run records the dataset's tokenizer)")
-    model = model_from_checkpoint(ckpt).to(device).eval()
+    model = load_model(ckpt).to(device).eval()  # float, or int8 saved by quantize.py
     return ckpt, model, load_tokenizer(ckpt["tokenizer"], ckpt.get("dataset_dir"))
 
 
@@ -587,7 +588,7 @@ def main(argv):
         if args.adapter is not None:
             raise UserError("--adapter writes a PEFT adapter beside a Hugging Face folder; a GGUF file holds the "
                             "model with its LoRA adapters folded in (leave --adapter out)")
-        arch, note = export_gguf(args.ckpt, args.out, args.gguf_type or "f16")
+        arch, note = export_gguf(args.ckpt, args.out, args.gguf_type or "f16", family)
         print(f"wrote GGUF ({arch}) to {args.out}; {note}")
         return
     if args.command == "export":

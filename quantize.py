@@ -187,6 +187,7 @@ def quantize_model(model, mode, weights=True):
     """Replace model's linear layers (and with int8_all its embedding and head) by int8 ones, in place;
     returns the model. weights=False builds the modules only, for a quantized state dict to fill."""
     check_quantizable(model, mode)
+    dtype = model.transformer.wte.weight.dtype  # a model cast to bfloat16 keeps computing in it
     convert = Int8Linear.from_linear if weights else (
         lambda lin: Int8Linear(lin.in_features, lin.out_features, lin.bias is not None))
     for block in model.transformer.h:
@@ -201,6 +202,10 @@ def quantize_model(model, mode, weights=True):
         if weights and not tied:
             emb.qweight, emb.scales = quantize_rows(wte.weight)
         model.transformer.wte = emb
+    if weights and dtype != torch.float32:  # the scales as a quantized checkpoint's are after the same cast
+        for m in model.modules():
+            if isinstance(m, (Int8Linear, Int8Embedding)) and "scales" in m._buffers:
+                m.scales = m.scales.to(dtype)
     model.quantization = mode
     return model
 
@@ -217,10 +222,11 @@ def set_kernel(model, dtype=torch.float32):
     return name
 
 
-def prepare(model, mode, dtype=torch.float32):
-    """What sample.py, eval.py and serve.py call, the model on its device: quantized by mode ("" leaves it
-    as it is, and so does a model loaded quantized; a model it cannot quantize is a UserError), with the
-    kernel chosen for its device. Returns a line saying so, or None."""
+def prepare(model, mode, dtype=None):
+    """What sample.py, eval.py and serve.py call, the model on its device and in its dtype: quantized by
+    mode ("" leaves it as it is, and so does a model loaded quantized; a model it cannot quantize is a
+    UserError), with the kernel chosen for its device and for activations of dtype (default: the
+    model's weights', what reaches its layers, autocast or not). Returns a line saying so, or None."""
     if mode and not getattr(model, "quantization", ""):
         from common import UserError
         try:
@@ -229,6 +235,8 @@ def prepare(model, mode, dtype=torch.float32):
             raise UserError(str(e)) from None
     if not getattr(model, "quantization", ""):
         return None
+    if dtype is None:
+        dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     return f"weights: {model.quantization} (kernel {set_kernel(model, dtype)})"
 
 
@@ -244,6 +252,23 @@ def weight_bytes(model):
 
 # ----------------------------------------------------------------------------------------------
 # The command: a checkpoint in, a quantized checkpoint out
+
+def load_model(ckpt):
+    """The model of a loaded checkpoint, float or saved by this file (the int8 modules built first, then
+    their tensors loaded), on the CPU."""
+    from checkpoint import model_from_checkpoint
+    if not ckpt.get("quantization"):
+        return model_from_checkpoint(ckpt)
+    from common import UserError
+    from model import GPT, GPTConfig
+    model = GPT(GPTConfig.from_dict(ckpt["model_config"]))
+    try:
+        quantize_model(model, ckpt["quantization"], weights=False)
+    except ValueError as e:
+        raise UserError(f"the checkpoint's quantization cannot be rebuilt ({e})") from None
+    model.load_state_dict(ckpt["model"])
+    return model
+
 
 def main(argv):
     import os

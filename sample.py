@@ -110,6 +110,9 @@ def check_settings(cfg):
     if cfg["draft"] and (cfg["beam_width"] > 1 or cfg["instruct"] or cfg["interactive"] or cfg["instruct_eval"]):
         raise UserError("--draft speeds up sampling from prompts; it does not run with beam search or the "
                         "instruct modes (drop --draft)")
+    if cfg["draft"] and (cfg["stream"] or cfg["repetition_penalty"] != 1.0 or not cfg["use_cache"]):
+        raise UserError("--draft decodes on the KV cache without a repetition penalty and prints each sample whole; "
+                        "drop --stream, --repetition_penalty or --use_cache=False (or --draft)")
     if cfg["draft"] and cfg["compile"]:
         raise UserError("--draft and --compile do not combine (the draft's rounds feed varying lengths); drop one")
     if cfg["beam_width"] > 1 and cfg["stream"]:
@@ -356,7 +359,7 @@ def instruct_loop(model, tokenizer, cfg, generator):
     if tokenizer.eot_token is None:
         raise UserError("--instruct needs a model whose tokenizer has an end-of-text token (gpt2 or bpe)")
     args = dict(max_new_tokens=cfg["max_new_tokens"], temperature=cfg["temperature"], top_k=cfg["top_k"],
-                generator=generator)
+                generator=generator, utf8=cfg["utf8"])
     n = 0
     if not cfg["interactive"]:
         for _ in range(samples_per_prompt(cfg)):
@@ -472,8 +475,14 @@ def run_speculative(model, draft, tokenizer, prompts, cfg, generator, utf8):
     stop = tokenizer.stop_tokens if cfg["stop_at_eot"] else ()
     for ids in prompts:
         for _ in range(samples_per_prompt(cfg)):
+            text = StopText(tokenizer, [unescape(cfg["stop"])])
+
+            def on_token(token):
+                text.add(token)
+                return text.done
             tokens, stats = speculative_generate(model, draft, ids, cfg["max_new_tokens"], cfg["draft_k"],
-                                                 cfg["temperature"], cfg["top_k"], cfg["top_p"], stop, generator, utf8)
+                                                 cfg["temperature"], cfg["top_k"], cfg["top_p"], stop, generator, utf8,
+                                                 on_token)
             totals = {key: totals[key] + stats[key] for key in totals}
             n += len(tokens)
             print_sample(tokenizer.decode(ids), cut_at_stop(tokenizer.decode(tokens), unescape(cfg["stop"])))
@@ -495,11 +504,12 @@ def main(argv):
     ckpt, model, tokenizer = load_for_inference(cfg["init_from"], cfg["out_dir"], rt.device)
     draft = load_draft(cfg, ckpt, rt.device) if cfg["draft"] else None
     threads = decode_threads(cfg, model, rt.device)
-    note = quantize.prepare(model, cfg["quantize"], getattr(torch, rt.dtype))
+    with cpu_threads(threads):  # the int8 kernel is timed as decoding will run it
+        note = quantize.prepare(model, cfg["quantize"])
+        if draft is not None:
+            quantize.prepare(draft, cfg["quantize"])
     if note:
         print(note, file=sys.stderr)
-    if draft is not None:
-        quantize.prepare(draft, cfg["quantize"], getattr(torch, rt.dtype))
     if cfg["compile"] and not plain_sampling(cfg, model):
         model = torch.compile(model, dynamic=True)  # the context grows every step: one graph for all lengths
     t0 = time.perf_counter()

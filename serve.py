@@ -589,7 +589,7 @@ def main(argv):
     if rt.dtype != "float32":
         model.to(getattr(torch, rt.dtype))
     from quantize import prepare
-    note = prepare(model, cfg["quantize"], getattr(torch, rt.dtype))
+    note = prepare(model, cfg["quantize"])
     if note:
         print(note, flush=True)
     server = Server(cfg, ckpt, model, tokenizer)

@@ -528,31 +528,38 @@ def instruct_prompt_ids(tokenizer, instruction, input_text, block_size):
 
 
 def utf8_mask(model, tokenizer):
-    """A decoding.Utf8Mask that keeps a byte-level tokenizer's output valid UTF-8; None for char."""
+    """A decoding.Utf8Mask that keeps a byte-level tokenizer's output valid UTF-8; None for char. Built
+    once per tokenizer, vocabulary size and device (a loop over the vocabulary), then reused."""
     from tokenizer import utf8_tables
-    tables = utf8_tables(tokenizer, model.config.vocab_size)
-    return None if tables is None else Utf8Mask(tables, next(model.parameters()).device)
+    device = next(model.parameters()).device
+    masks = tokenizer.__dict__.setdefault("_utf8_masks", {})
+    key = (model.config.vocab_size, str(device))
+    if key not in masks:
+        tables = utf8_tables(tokenizer, model.config.vocab_size)
+        masks[key] = None if tables is None else Utf8Mask(tables, device)
+    return masks[key]
 
 
-def answer(model, tokenizer, prompts, max_new_tokens, temperature=0.0, top_k=None, generator=None):
-    """Answers to prompts (lists of ids), decoded together, each up to its end-of-text, in valid UTF-8:
-    [(ids, stopped)], stopped False when max_new_tokens ran out first."""
+def answer(model, tokenizer, prompts, max_new_tokens, temperature=0.0, top_k=None, generator=None, utf8=True):
+    """Answers to prompts (lists of ids), decoded together, each up to its end-of-text, in valid UTF-8
+    (utf8=False: the bytes as sampled): [(ids, stopped)], stopped False when max_new_tokens ran out first."""
     made = [0] * len(prompts)  # tokens each row generated, a tail cut inside a character included
 
     def count(row, token):
         made[row] += 1
         return False
     out = generate_batch(model, prompts, max_new_tokens, temperature=temperature, top_k=top_k, on_token=count,
-                         stop_tokens=tokenizer.stop_tokens, generator=generator, utf8=utf8_mask(model, tokenizer))
+                         stop_tokens=tokenizer.stop_tokens, generator=generator,
+                         utf8=utf8_mask(model, tokenizer) if utf8 else None)
     return [(ids, n < max_new_tokens) for ids, n in zip(out, made)]
 
 
 def respond(model, tokenizer, instruction, max_new_tokens=200, temperature=0.0, top_k=None, input_text="",
-            generator=None):
+            generator=None, utf8=True):
     """The model's answer to an instruction wrapped in the template: (text, its token ids, whether it
     ended with end-of-text)."""
     prompt = instruct_prompt_ids(tokenizer, instruction, input_text, model.config.block_size)
-    (ids, stopped), = answer(model, tokenizer, [prompt], max_new_tokens, temperature, top_k, generator)
+    (ids, stopped), = answer(model, tokenizer, [prompt], max_new_tokens, temperature, top_k, generator, utf8)
     return tokenizer.decode(ids), ids, stopped
 
 

@@ -300,14 +300,14 @@ def counted_model(monkeypatch):
     """Makes sample.py's model (built by hf.load_for_inference) count its forwards; returns the list the
     counter will be put in."""
     import hf
-    counters, build = [], hf.model_from_checkpoint
+    counters, build = [], hf.load_model
 
     def counting(ckpt):
         model = build(ckpt)
         counters.append(CountingForward(model))
         return model
 
-    monkeypatch.setattr(hf, "model_from_checkpoint", counting)
+    monkeypatch.setattr(hf, "load_model", counting)
     return counters
 
 

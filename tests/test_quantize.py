@@ -252,7 +252,7 @@ def quantized_runs(tiny_run, tmp_path_factory):
 def test_a_saved_quantized_checkpoint_is_the_model_quantized_on_the_fly(mode, tiny_run, quantized_runs):
     ckpt = load_checkpoint(str(quantized_runs[mode]))
     assert ckpt["quantization"] == mode and "optimizer" not in ckpt
-    loaded = model_from_checkpoint(ckpt).eval()
+    loaded = quantize.load_model(ckpt).eval()
     on_the_fly = quantize_model(model_from_checkpoint(load_checkpoint(str(tiny_run / "out"))), mode).eval()
     float_model = model_from_checkpoint(load_checkpoint(str(tiny_run / "out"))).eval()
     idx = torch.randint(0, loaded.config.vocab_size, (4, 32), generator=torch.Generator().manual_seed(0))
@@ -339,7 +339,7 @@ def test_the_blocks_of_a_norm_head_model_still_quantize(tmp_path):
     write_float_checkpoint(tmp_path / "src", norm_head=True)
     run_main("quantize.py", "--out_dir=src", "--out=dst", cwd=tmp_path)
     ckpt = load_checkpoint(str(tmp_path / "dst"))
-    model, reference = model_from_checkpoint(ckpt), lively_gpt(norm_head=True)
+    model, reference = quantize.load_model(ckpt), lively_gpt(norm_head=True)
     idx = torch.randint(0, 29, (2, 24), generator=torch.Generator().manual_seed(0))
     a, b = logits_of(model, idx), logits_of(reference, idx)
     assert (a - b).norm() / a.norm() < 0.05
@@ -351,3 +351,12 @@ def test_train_refuses_to_start_from_a_quantized_checkpoint(tiny_run, quantized_
                       "--max_iters=2", cwd=folder, check=False)
     one_line_error(result, "the checkpoint is quantized (int8, by quantize.py)")
     assert not (folder / "again" / "ckpt.pt").exists()
+
+
+@pytest.mark.parametrize("mode", quantize.MODES)
+def test_a_model_cast_to_bfloat16_then_quantized_computes_in_bfloat16(mode):
+    """serve.py casts the model to its dtype, then quantizes: the embedding's output must follow the cast."""
+    model = lively_gpt().to(torch.bfloat16)
+    prepare(model, mode)
+    logits, _ = model(torch.tensor([[1, 2, 3]]))
+    assert logits.dtype == torch.bfloat16 and torch.isfinite(logits).all()

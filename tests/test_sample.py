@@ -263,3 +263,15 @@ def test_compile_with_inductor_gives_the_greedy_text_of_eager(draft_dir, monkeyp
     assert sample_in_process(draft_dir, monkeypatch, *args, "--compile", "--quantize=int8").text == \
         sample_in_process(draft_dir, monkeypatch, *args, "--quantize=int8").text
     assert sample_in_process(draft_dir, monkeypatch, *args, "--compile").text == eager
+
+
+@pytest.mark.parametrize("flag", ["--stream", "--repetition_penalty=1.3", "--use_cache=False", "--compile"])
+def test_a_draft_refuses_the_settings_it_cannot_honour(draft_dir, flag):
+    result = run_main("sample.py", "--out_dir=out", "--draft=draft", flag, "--device=cpu", cwd=draft_dir, check=False)
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1 and "--draft" in result.stderr
+
+
+def test_a_draft_stops_at_a_stop_string_as_the_target_alone_does(draft_dir, monkeypatch):
+    args = ["--start=The ", "--num_samples=1", "--max_new_tokens=60", "--temperature=0", "--stop=e"]
+    alone = sample_in_process(draft_dir, monkeypatch, *args).text
+    assert sample_in_process(draft_dir, monkeypatch, *args, "--draft=draft").text == alone

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from conftest import lively_gpt, one_line_error, run_main
-from decoding import StaticKVCache, _step, check_static, compiled_step, generate_batch
+from decoding import CompiledStep, StaticKVCache, _step, check_static, compiled_step, generate_batch
 
 ARCHITECTURES = {
     "learned": {},
@@ -53,6 +53,23 @@ def test_compiled_decoding_of_100_tokens_compiles_once_and_matches_eager():
     torch._dynamo.reset()
 
 
+def test_later_calls_reuse_the_cache_and_the_graph():
+    from torch._dynamo.testing import CompileCounterWithBackend
+    model = lively_gpt(positions="rope")
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("eager")
+    step = CompiledStep("cpu", backend=counter)
+    first = generate_batch(model, [[1, 2]], 30, temperature=0, static=step)
+    cache = step.caches[(id(model), 1)][1]
+    buffers = [t.data_ptr() for t in cache.k]
+    second = generate_batch(model, [[3]], 30, temperature=0, static=step)
+    assert len(step.caches) == 1 and [t.data_ptr() for t in cache.k] == buffers  # the same buffers again
+    assert counter.frame_count == 1  # and the same graph
+    assert first == generate_batch(model, [[1, 2]], 30, temperature=0) and second == generate_batch(model, [[3]], 30,
+                                                                                                   temperature=0)
+    torch._dynamo.reset()
+
+
 @pytest.mark.slow
 def test_inductor_compiled_step_matches_eager():
     model = lively_gpt(positions="rope", n_kv_head=2, block_size=64)
@@ -64,6 +81,7 @@ def test_inductor_compiled_step_matches_eager():
 
 @pytest.mark.parametrize("arch, message", [(dict(positions="alibi"), "ALiBi"),
                                            (dict(attn_window=4), "sliding-window"),
+                                           (dict(attn_window=4, attn_window_pattern="L"), "sliding-window"),
                                            (dict(causal=False), "encoder")])
 def test_what_the_static_cache_cannot_run_is_refused_by_name(arch, message):
     model = lively_gpt(**arch)
