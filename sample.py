@@ -70,7 +70,7 @@ class SampleConfig:
     stop_at_eot: bool = True       # stop a sample at the end-of-text token (tokenizers that have one)
     stream: bool = False           # print each sample as it is generated, one sample at a time
     use_cache: bool = True         # KV cache; False re-runs the whole context every step (same text, slower)
-    bench: bool = False            # tokens/s and MBU: KV cache, int8 weights (with --compile, the compiled static cache too) and full recompute; random 6x384 model, block 256; no checkpoint
+    bench: bool = False            # tokens/s and MBU: KV cache, int8 weights (with --compile, the compiled static cache too) and full recompute, random 6x384 model; with --draft, the checkpoint alone against k = 1..draft_k guesses on the prompts
     seed: int = 1337               # random seed: the same seed gives the same samples
     device: str = "auto"           # auto | cpu | cuda | cuda:N | mps
     dtype: str = "auto"            # auto | float32 | bfloat16 | float16 (auto: as train.py's, see runtime.py)
@@ -291,6 +291,38 @@ def bench(cfg, device, rounds=3):
               f"{rate['static cache, compiled, int8_all'] / c:.1f}x)")
 
 
+def bench_draft(model, draft, tokenizer, cfg, device, rounds=3):
+    """--bench with --draft: each prompt decoded greedily one at a time by the checkpoint alone, then with
+    the draft guessing k = 1 .. draft_k tokens a round; tokens/s of each (the rows take turns for
+    `rounds` rounds, medians), the acceptance rate, and whether every text is the checkpoint's own."""
+    from decoding import speculative_generate
+    prompts = [encode_prompt(tokenizer, text) for text in read_prompts(cfg)]
+    n = cfg["max_new_tokens"]
+    generate_batch(model, [prompts[0]], 8, temperature=0)  # warm-up: first calls pay for allocations
+    speculative_generate(model, draft, prompts[0], 8, 2, temperature=0)
+    runs = {0: lambda: [(generate_batch(model, [ids], n, temperature=0)[0], None) for ids in prompts]}
+    for k in range(1, cfg["draft_k"] + 1):
+        runs[k] = (lambda k: lambda: [speculative_generate(model, draft, ids, n, k, temperature=0) for ids in prompts])(k)
+    times, outs = {k: [] for k in runs}, {}
+    for _ in range(rounds):
+        for k, run in runs.items():
+            outs[k], dt = timed(run, device)
+            times[k].append(dt)
+    dt = {k: sorted(t)[len(t) // 2] for k, t in times.items()}
+    alone = [out for out, _ in outs[0]]
+    tokens = sum(len(out) for out in alone)
+    print(f"{len(prompts)} prompts x {n} tokens, greedy, one sequence at a time, on {device}, "
+          f"{torch.get_num_threads()} threads, median of {rounds} rounds")
+    print(f"{'':>11} {'tokens/s':>9} {'speed-up':>9} {'accepted':>9} {'tokens/forward':>15}  same text")
+    print(f"{'alone':>11} {tokens / dt[0]:9.1f} {1.0:8.2f}x")
+    for k in range(1, cfg["draft_k"] + 1):
+        stats = {key: sum(r[1][key] for r in outs[k]) for key in ("rounds", "proposed", "accepted")}
+        same = sum(out == ref for (out, _), ref in zip(outs[k], alone))
+        print(f"{f'draft, k={k}':>11} {tokens / dt[k]:9.1f} {dt[0] / dt[k]:8.2f}x "
+              f"{stats['accepted'] / max(1, stats['proposed']):9.1%} {tokens / max(1, stats['rounds']):15.2f}  "
+              f"{same} of {len(prompts)}")
+
+
 def print_labels(model, tokenizer, cfg, ckpt, device):
     """One line per text: label, its probability, the text."""
     from tasks import label_texts
@@ -498,7 +530,7 @@ def main(argv):
     rt = runtime.local(cfg["device"], cfg["dtype"])
     torch.manual_seed(cfg["seed"])
     busy = runtime.busy_cpu_note(rt.device)  # before this run's own load counts in it
-    if cfg["bench"]:
+    if cfg["bench"] and not cfg["draft"]:
         with cpu_threads(cfg["threads"] or (1 if rt.device == "cpu" else 0)):  # batch 1: decode_threads' rule
             return bench(cfg, rt.device)
     ckpt, model, tokenizer = load_for_inference(cfg["init_from"], cfg["out_dir"], rt.device)
@@ -510,6 +542,9 @@ def main(argv):
             quantize.prepare(draft, cfg["quantize"])
     if note:
         print(note, file=sys.stderr)
+    if cfg["bench"]:
+        with cpu_threads(threads):
+            return bench_draft(model, draft, tokenizer, cfg, rt.device)
     if cfg["compile"] and not plain_sampling(cfg, model):
         model = torch.compile(model, dynamic=True)  # the context grows every step: one graph for all lengths
     t0 = time.perf_counter()
