@@ -159,7 +159,7 @@ class StaticKVCache:
     Sliding windows and ALiBi need distances that this mask does not carry: check_static refuses them."""
 
     def __init__(self, n_layer, max_len, pad):
-        self.max_len, self.n_layer = max_len, n_layer
+        self.max_len = max_len
         self.pad = _static(pad.clone())  # (B,) long, changed in place by reset
         self.pos = _static(torch.zeros((), dtype=torch.long, device=pad.device))  # slots filled, the same in every row
         self.slots = _static(torch.arange(max_len, device=pad.device))  # (S,)
@@ -302,13 +302,18 @@ def choose_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None)
     sample from the tempered distribution restricted by top_k and top_p."""
     if temperature == 0:
         return logits.argmax(dim=-1)
+    probs = sampling_probs(logits, temperature, top_k, top_p)
+    return torch.multinomial(probs, num_samples=1, generator=generator)[:, 0]
+
+
+def sampling_probs(logits, temperature=1.0, top_k=None, top_p=None):
+    """(B, V) probabilities that choose_next samples from (for temperature > 0)."""
     logits = logits.float() / temperature
     if top_k is not None:
         logits = top_k_filter(logits, top_k)
     if top_p is not None:
         logits = top_p_filter(logits, top_p)
-    probs = F.softmax(logits, dim=-1)
-    return torch.multinomial(probs, num_samples=1, generator=generator)[:, 0]
+    return F.softmax(logits, dim=-1)
 
 
 class Utf8Mask:
@@ -339,6 +344,10 @@ class Utf8Mask:
 
     def advance(self, states, tokens):
         return self.after[states, tokens]
+
+    def next_state(self, state, token):
+        """One row's state (an int) after token, from the tables' lists: no device sync."""
+        return self.tables[1][state][token]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -385,9 +394,17 @@ class Decoder:
         """A fresh cache over the windows, left-padded to the longest; the logits after them."""
         first = min(self.start)
         window_pad = torch.tensor([s - first for s in self.start], dtype=torch.long, device=self.seq.device)
-        self.cache = KVCache.for_model(self.model, pad=window_pad)
+        self.cache = self._empty_cache(window_pad)
         logits, _ = self.model(self.seq[:, first:], cache=self.cache)
         return logits[:, -1, :]  # (B, V)
+
+    def _empty_cache(self, pad):
+        return KVCache.for_model(self.model, pad=pad)
+
+    def _next_logits(self, tokens):
+        """The logits after tokens (B,), one more position on the cache."""
+        logits, _ = self.model(tokens[:, None], cache=self.cache)
+        return logits[:, -1, :]
 
     def push(self, tokens):
         """Append tokens (B,) and compute the logits that follow them."""
@@ -399,8 +416,7 @@ class Decoder:
         if full or not self.use_cache:
             self.logits = self._refill()
         else:
-            logits, _ = self.model(tokens[:, None], cache=self.cache)
-            self.logits = logits[:, -1, :]
+            self.logits = self._next_logits(tokens)
 
     def reorder(self, index):
         """Keep rows index (N,) in that order (beam search)."""
@@ -451,27 +467,17 @@ class StaticDecoder(Decoder):
         self.static = None
         super().__init__(model, idx, pad, True, keep)
 
-    def _refill(self):
-        first = min(self.start)
-        window_pad = torch.tensor([s - first for s in self.start], dtype=torch.long, device=self.seq.device)
+    def _empty_cache(self, pad):
+        """The one static cache of this decoder (or of its step, which keeps one per model and batch
+        size), emptied: a refill reuses its buffers."""
         if self.static is None:
             make = getattr(self.step, "cache_for", None)
-            self.static = make(self.model, window_pad) if make else StaticKVCache.for_model(self.model, window_pad)
-        self.static.reset(window_pad)
-        self.cache = self.static
-        logits, _ = self.model(self.seq[:, first:], cache=self.cache)
-        return logits[:, -1, :]  # (B, V)
+            self.static = make(self.model, pad) if make else StaticKVCache.for_model(self.model, pad)
+        self.static.reset(pad)
+        return self.static
 
-    def push(self, tokens):
-        self.seq = torch.cat((self.seq, tokens[:, None]), dim=1)
-        n = self.seq.size(1)
-        full = [row for row, s in enumerate(self.start) if n - s > self.block_size]
-        for row in full:
-            self.start[row] = n - self.keep
-        if full:
-            self.logits = self._refill()
-        else:
-            self.logits = self.step(self.model, tokens[:, None], self.cache)
+    def _next_logits(self, tokens):
+        return self.step(self.model, tokens[:, None], self.cache)
 
     def reorder(self, index):
         raise ValueError("the static cache decodes a fixed batch; beam search runs on KVCache (compile=False)")
@@ -614,16 +620,6 @@ def beam_search(model, prompt, max_new_tokens, beam_width, length_penalty=1.0, s
 # is the target's argmax, so the text is the target's greedy text. Each round costs k draft steps and
 # one target forward of k + 1 tokens, and yields between 1 and k + 1 tokens.
 
-def sampling_probs(logits, temperature=1.0, top_k=None, top_p=None):
-    """(B, V) probabilities that choose_next samples from (for temperature > 0)."""
-    logits = logits.float() / temperature
-    if top_k is not None:
-        logits = top_k_filter(logits, top_k)
-    if top_p is not None:
-        logits = top_p_filter(logits, top_p)
-    return F.softmax(logits, dim=-1)
-
-
 def accept_or_resample(p, q, guess, generator=None):
     """One verification step: guess (an int) was drawn from q (V,); returns (kept, token) with the
     token distributed as p (V,) over the draws of guess and of this step's randomness."""
@@ -694,7 +690,7 @@ class _Rule:
 
     def step(self, s, token):
         """The UTF-8 state after token."""
-        return 0 if self.utf8 is None else self.utf8.tables[1][s][token]
+        return 0 if self.utf8 is None else self.utf8.next_state(s, token)
 
     def dist(self, logits, s):
         """(V,) logits -> what choose_next draws from: probabilities, or the logits when greedy."""

@@ -161,7 +161,7 @@ class Engine:
                 tokens[b] = token
         if self.utf8 is not None:
             for r, token in zip(self.rows, tokens):
-                r.utf8_state = self.utf8.tables[1][r.utf8_state][token]
+                r.utf8_state = self.utf8.next_state(r.utf8_state, token)
         return tokens
 
     @torch.no_grad()

@@ -233,6 +233,17 @@ def timed(run, device):
     return out, time.perf_counter() - t0
 
 
+def take_turns(runs, device, rounds):
+    """Each of runs {name: a function} timed once a round, in turn, for `rounds` rounds, so that a machine
+    that slows down for a while slows every one: ({name: the last output}, {name: median seconds})."""
+    outs, times = {}, {name: [] for name in runs}
+    for _ in range(rounds):
+        for name, run in runs.items():
+            outs[name], dt = timed(run, device)
+            times[name].append(dt)
+    return outs, {name: sorted(t)[len(t) // 2] for name, t in times.items()}
+
+
 def bench(cfg, device, rounds=3):
     """Tokens/s of greedy decoding from a one-token prompt on a randomly initialised
     shakespeare-char-sized model (speed ignores the weights), side by side: the KV cache in float32,
@@ -249,36 +260,32 @@ def bench(cfg, device, rounds=3):
     if cfg["compile"]:
         runs += [("static cache, compiled", "", True), ("static cache, compiled, int8", "int8", True),
                  ("static cache, compiled, int8_all", "int8_all", True)]
-    rows = []  # [name, decode (a function), weight bytes per token, tokens/s of each round, tokens]
+    decoders, nbytes, labels = {}, {}, {}  # by row name: the decode, weight bytes per token, the printed name
     for name, mode, compiled in runs + [("full recompute", None, False)]:
         torch.manual_seed(cfg["seed"])
         model = GPT(config).to(device).eval()
         kernel = quantize.prepare(model, mode) if mode else None
         if mode is None:
             prompt = torch.zeros(1, 1, dtype=torch.long, device=device)
-            decode = (lambda m, p: lambda: m.generate(p, n, temperature=0)[0, 1:].tolist())(model, prompt)
+            decoders[name] = (lambda m, p: lambda: m.generate(p, n, temperature=0)[0, 1:].tolist())(model, prompt)
         else:
             static = compiled_step(torch.device(device).type) if compiled else None
-            decode = (lambda m, st: lambda: generate_batch(m, [[0]], n, temperature=0, static=st)[0])(model, static)
+            decoders[name] = (lambda m, st: lambda: generate_batch(m, [[0]], n, temperature=0, static=st)[0])(
+                model, static)
             generate_batch(model, [[0]], 8, temperature=0, static=static)  # warm-up: allocations, compilation
-        rows.append([name + (f" ({kernel.split('kernel ')[1][:-1]})" if kernel else ""), decode,
-                     weight_bytes_per_token(model), [], None])
-    for _ in range(rounds):
-        for row in rows:
-            row[4], dt = timed(row[1], device)
-            row[3].append(len(row[4]) / dt)
-    reference = rows[0][4]
+        nbytes[name] = weight_bytes_per_token(model)
+        labels[name] = name + (f" ({kernel.split('kernel ')[1][:-1]})" if kernel else "")
+    outs, seconds = take_turns(decoders, device, rounds)
+    rate = {name: len(outs[name]) / seconds[name] for name in decoders}
+    reference = outs["kv cache"]
     print(f"{n} tokens, 6 layers x 384 wide, 6 heads, block_size 256, on {device}, "
           f"{torch.get_num_threads()} threads, median of {rounds} rounds; copy bandwidth {bandwidth / 1e9:.1f} GB/s")
-    width = max(len(r[0]) for r in rows)
+    width = max(len(label) for label in labels.values())
     print(f"{'':>{width}} {'tokens/s':>9} {'MB/token':>9} {'GB/s':>6} {'MBU':>6}  same tokens as float32")
-    rate = {}
-    for name, _, nbytes, rates, out in rows:
-        r = sorted(rates)[len(rates) // 2]
-        rate[name.split(" (")[0]] = r
-        same = sum(a == b for a, b in zip(out, reference)) / len(reference)
-        print(f"{name:>{width}} {r:9.1f} {nbytes / 1e6:9.1f} {r * nbytes / 1e9:6.1f} {r * nbytes / bandwidth:6.1%}  "
-              f"{same:.0%}")
+    for name, r in rate.items():
+        same = sum(a == b for a, b in zip(outs[name], reference)) / len(reference)
+        print(f"{labels[name]:>{width}} {r:9.1f} {nbytes[name] / 1e6:9.1f} {r * nbytes[name] / 1e9:6.1f} "
+              f"{r * nbytes[name] / bandwidth:6.1%}  {same:.0%}")
     print(f"speed-up of the cache over full recompute: {rate['kv cache'] / rate['full recompute']:.1f}x")
     print(f"speed-up of int8 weights: {rate['kv cache, int8'] / rate['kv cache']:.1f}x "
           f"(int8_all {rate['kv cache, int8_all'] / rate['kv cache']:.1f}x)")
@@ -303,12 +310,7 @@ def bench_draft(model, draft, tokenizer, cfg, device, rounds=3):
     runs = {0: lambda: [(generate_batch(model, [ids], n, temperature=0)[0], None) for ids in prompts]}
     for k in range(1, cfg["draft_k"] + 1):
         runs[k] = (lambda k: lambda: [speculative_generate(model, draft, ids, n, k, temperature=0) for ids in prompts])(k)
-    times, outs = {k: [] for k in runs}, {}
-    for _ in range(rounds):
-        for k, run in runs.items():
-            outs[k], dt = timed(run, device)
-            times[k].append(dt)
-    dt = {k: sorted(t)[len(t) // 2] for k, t in times.items()}
+    outs, dt = take_turns(runs, device, rounds)
     alone = [out for out, _ in outs[0]]
     tokens = sum(len(out) for out in alone)
     print(f"{len(prompts)} prompts x {n} tokens, greedy, one sequence at a time, on {device}, "
@@ -486,23 +488,24 @@ def static_step(model, cfg, device):
     return compiled_step(torch.device(device).type)
 
 
-def load_draft(cfg, ckpt, device):
-    """The --draft model, or a UserError if it cannot guess for this checkpoint."""
+def load_draft(cfg, ckpt, model, device):
+    """The --draft model, or a UserError if it cannot guess for model, this checkpoint's."""
+    from decoding import check_speculative
     draft_ckpt, draft, _ = load_for_inference(cfg["draft"], cfg["draft"], device, decoder_for="--draft")
     if draft_ckpt.get("tokenizer") != ckpt.get("tokenizer"):
         raise UserError(f"the draft {cfg['draft']} was trained with another tokenizer than the checkpoint's; a draft "
                         f"must share the target's tokenizer (train it on the same prepared dataset)")
+    try:
+        check_speculative(model, draft)
+    except ValueError as e:
+        raise UserError(f"--draft {cfg['draft']}: {e}") from None
     return draft
 
 
 def run_speculative(model, draft, tokenizer, prompts, cfg, generator, utf8):
     """Each sample of each prompt decoded speculatively with the draft; prints them, then the acceptance
     rate. Returns tokens generated."""
-    from decoding import check_speculative, speculative_generate
-    try:
-        check_speculative(model, draft)
-    except ValueError as e:
-        raise UserError(f"--draft {cfg['draft']}: {e}") from None
+    from decoding import speculative_generate
     totals, n = dict(rounds=0, proposed=0, accepted=0), 0
     stop = tokenizer.stop_tokens if cfg["stop_at_eot"] else ()
     for ids in prompts:
@@ -534,7 +537,7 @@ def main(argv):
         with cpu_threads(cfg["threads"] or (1 if rt.device == "cpu" else 0)):  # batch 1: decode_threads' rule
             return bench(cfg, rt.device)
     ckpt, model, tokenizer = load_for_inference(cfg["init_from"], cfg["out_dir"], rt.device)
-    draft = load_draft(cfg, ckpt, rt.device) if cfg["draft"] else None
+    draft = load_draft(cfg, ckpt, model, rt.device) if cfg["draft"] else None
     threads = decode_threads(cfg, model, rt.device)
     with cpu_threads(threads):  # the int8 kernel is timed as decoding will run it
         note = quantize.prepare(model, cfg["quantize"])
