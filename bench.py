@@ -40,8 +40,10 @@ CPU = "config/train_shakespeare_char_cpu.py"
 SPEEDRUN = "config/speedrun_shakespeare_char_cpu.py"
 MODERN = ["--positions=rope", "--norm=rmsnorm", "--mlp=relu2", "--qk_norm=True", "--zero_init_proj=True"]
 # the speedrun config before its window, its shorter run and its single evaluation (2026-11-22)
-SPEEDRUN_300 = [SPEEDRUN, "--attn_window=0", "--max_iters=300", "--warmdown_iters=120", "--eval_interval=300",
-                "--eval_at_start=True"]
+SPEEDRUN_300 = [SPEEDRUN, "--batch_size=16", "--attn_window=0", "--max_iters=300", "--warmdown_iters=120",
+                "--eval_interval=300", "--eval_at_start=True"]
+# the speedrun config of 2026-12-02: batch 16, 210 iterations, 140 of them warm-down
+SPEEDRUN_210 = [SPEEDRUN, "--batch_size=16", "--max_iters=210", "--warmdown_iters=140", "--eval_interval=210"]
 MUON = ["--optimizer=muon", "--muon_lr=0.03", "--learning_rate=3e-3", "--weight_decay=0.0", "--lr_schedule=wsd",
         "--warmup_iters=20", "--min_lr=0.0"]
 
@@ -64,12 +66,14 @@ SUITES = {
                                                  "--warmdown_iters=160", "--eval_interval=100"]),
         ("both, batch 16, 300 iterations", SPEEDRUN_300),
         ("+ value embeddings", [*SPEEDRUN_300, "--value_embeds=True"]),
-        ("+ sliding window 4 on 3 layers of 4 (SSSL)", [SPEEDRUN, "--attn_window=4", "--max_iters=300",
+        ("+ sliding window 4 on 3 layers of 4 (SSSL)", [SPEEDRUN, "--batch_size=16", "--attn_window=4", "--max_iters=300",
                                                         "--warmdown_iters=120", "--eval_interval=300",
                                                         "--eval_at_start=True"]),
         ("+ 210 iterations, half of them warm-down, no evaluation at step 0",
-         [SPEEDRUN, "--attn_window=4", "--warmdown_iters=105"]),
-        ("+ window 3, two thirds of the run as warm-down (the speedrun config)", [SPEEDRUN]),
+         [*SPEEDRUN_210, "--attn_window=4", "--warmdown_iters=105"]),
+        ("+ window 3, two thirds of the run as warm-down", SPEEDRUN_210),
+        ("+ batch 24, 150 iterations (the speedrun config)", [SPEEDRUN]),
+        ("the speedrun config in float32 (no bfloat16 autocast)", [SPEEDRUN, "--dtype=float32"]),
     ],
     "switches": [  # time to val <= target: the speedrun config's 300-iteration recipe, then each switch of model.py
         ("the speedrun config at 300 iterations, no window", SPEEDRUN_300),
@@ -83,7 +87,7 @@ SUITES = {
         ("+ value embeddings", [*SPEEDRUN_300, "--value_embeds=True"]),
     ],
 }
-SUITES["bar"] = [SUITES["speedrun"][0], SUITES["speedrun"][-1]]  # nanoGPT's recipe and the speedrun config
+SUITES["bar"] = [row for row in SUITES["speedrun"] if row[1] in ("nanogpt", [SPEEDRUN])]  # nanoGPT and the config
 
 
 def run_lines(cmd, cwd, until=None):

@@ -164,6 +164,8 @@ def preset_config(name, **overrides):
 
 def norm(x, weight, bias, kind, eps):
     """LayerNorm (subtract the mean, divide by the std) or RMSNorm (divide by the root mean square)."""
+    if weight.dtype != x.dtype:  # under autocast q and k arrive in bfloat16: one dtype takes the fused kernel
+        weight, bias = weight.to(x.dtype), None if bias is None else bias.to(x.dtype)
     if kind == "layernorm":
         return F.layer_norm(x, (x.size(-1),), weight, bias, eps)
     return F.rms_norm(x, (x.size(-1),), weight, eps)
@@ -282,6 +284,7 @@ class CausalSelfAttention(nn.Module):
         self.impl, self.rope, self.dropout = config.attn_impl, config.positions == "rope", config.dropout
         self.causal = config.causal
         self.keep_weights, self.weights = False, None  # the explicit path's last weights, for pictures
+        self.sdpa_dtype = None  # the fused path computes in this dtype when set (train.py: what a CPU runs faster)
         # q, k and v for all heads in one matrix: n_head query heads, n_kv_head key and value heads
         qkv_dim = (config.n_head + 2 * config.n_kv_head) * config.head_dim
         self.c_attn = nn.Linear(config.n_embd, qkv_dim, bias=config.bias)
@@ -321,9 +324,18 @@ class CausalSelfAttention(nn.Module):
                 causal = True
             if mask is not None and mask.dtype != torch.bool:
                 mask = mask.to(q.dtype)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
-                                               dropout_p=self.dropout if self.training else 0.0,
-                                               is_causal=causal, enable_gqa=Hkv != H)
+            dtype = q.dtype
+            if self.sdpa_dtype is not None and self.sdpa_dtype != dtype:  # out of autocast, which would cast back
+                with torch.autocast(q.device.type, enabled=False):
+                    y = F.scaled_dot_product_attention(
+                        q.to(self.sdpa_dtype), k.to(self.sdpa_dtype), v.to(self.sdpa_dtype),
+                        attn_mask=mask if mask is None or mask.dtype == torch.bool else mask.to(self.sdpa_dtype),
+                        dropout_p=self.dropout if self.training else 0.0, is_causal=causal,
+                        enable_gqa=Hkv != H).to(dtype)
+            else:
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                                   dropout_p=self.dropout if self.training else 0.0,
+                                                   is_causal=causal, enable_gqa=Hkv != H)
         else:
             # each group of H/Hkv consecutive query heads shares one key/value head
             k, v = k.repeat_interleave(H // Hkv, dim=1), v.repeat_interleave(H // Hkv, dim=1)
@@ -520,6 +532,11 @@ class GPT(nn.Module):
         return self.transformer.ln_f(x)
 
     @torch.no_grad()
+    def set_sdpa_dtype(self, dtype):
+        """Have every layer's fused attention compute in dtype (None: in its inputs' dtype, the default)."""
+        for block in self.transformer.h:
+            block.attn.sdpa_dtype = dtype
+
     def attention_maps(self, idx):
         """idx (B, T) -> one (B, H, T, T) tensor per layer: the attention weights that the explicit path
         computes (the fused path's numbers, which it does not expose), for pictures (visualize.py)."""

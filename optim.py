@@ -6,8 +6,9 @@ Design choices:
   fused kernel (one pass over all parameters) where torch has it: CUDA and, lately, the CPU.
 - optimizer=muon: Muon (momentum, then an orthogonalised update) for the 2-D matrices inside the
   blocks, AdamW for the embeddings, the head, biases and norms. On GPUs torch.optim.Muon; elsewhere
-  MuonFloat32, the same rule in float32 (torch's orthogonalises in bfloat16, which most CPUs emulate
-  slowly), with the matrices of one shape orthogonalised together in a batch.
+  BatchedMuon, the same rule with the matrices of one shape orthogonalised together in a batch, in
+  bfloat16 on CPUs that multiply it natively (AVX512-BF16, AMX) and in float32 on the others, which
+  emulate bfloat16 many times slower (torch's Muon always orthogonalises in bfloat16).
 - Several optimizers step as one (Optimizers), so the loop, the grad scaler and the checkpoint see one.
 - The schedule: linear warmup, then a cosine down to min_lr at lr_decay_iters (0: max_iters), or WSD
   (flat, then a linear warm-down over the last warmdown_iters). Every group follows it scaled from its
@@ -17,6 +18,7 @@ import math
 
 import torch
 
+import runtime
 from common import UserError
 
 
@@ -67,34 +69,41 @@ def newton_schulz(G, steps=5, eps=1e-7):
     return (X.mT if tall else X).reshape(shape)
 
 
-class MuonFloat32(torch.optim.Optimizer):
-    """Muon (momentum, then orthogonalised updates) for 2-D matrices, in float32, with the matrices
-    of one shape orthogonalised together in a batch; the same update rule as torch.optim.Muon."""
+class BatchedMuon(torch.optim.Optimizer):
+    """Muon (momentum, then orthogonalised updates) for 2-D matrices, with the matrices of one shape
+    orthogonalised together in a batch and in a dtype of our choosing (float32, or bfloat16 where the
+    CPU multiplies it natively); the same update rule as torch.optim.Muon."""
 
-    def __init__(self, params, lr=0.02, weight_decay=0.0, momentum=0.95, nesterov=True, adjust_lr_fn=None):
+    def __init__(self, params, lr=0.02, weight_decay=0.0, momentum=0.95, nesterov=True, adjust_lr_fn=None,
+                 ns_dtype=torch.float32):
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
                                       adjust_lr_fn=adjust_lr_fn))
+        self.ns_dtype = ns_dtype
 
     @torch.no_grad()
     def step(self):
         for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            grads = [p.grad for p in params]
+            bufs = [self.state[p].setdefault("momentum_buffer", torch.zeros_like(p)) for p in params]
+            # one kernel launch per list, not per matrix: at this size the launches are the cost
+            torch._foreach_mul_(bufs, group["momentum"])
+            torch._foreach_add_(bufs, grads)
+            updates = torch._foreach_add(grads, bufs, alpha=group["momentum"]) if group["nesterov"] else bufs
+            if group["weight_decay"]:
+                torch._foreach_mul_(params, 1 - group["lr"] * group["weight_decay"])
             by_shape = {}
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
-                buf.mul_(group["momentum"]).add_(p.grad)
-                update = p.grad.add(buf, alpha=group["momentum"]) if group["nesterov"] else buf
-                by_shape.setdefault(tuple(p.shape), []).append((p, update))
+            for p, u in zip(params, updates):
+                by_shape.setdefault(tuple(p.shape), []).append((p, u))
             for (rows, cols), items in by_shape.items():
-                ortho = newton_schulz(torch.stack([u for _, u in items]).float())
+                ortho = newton_schulz(torch.stack([u for _, u in items]).to(self.ns_dtype))
                 if group["adjust_lr_fn"] == "match_rms_adamw":  # update RMS of AdamW's (Moonshot)
                     lr = group["lr"] * 0.2 * math.sqrt(max(rows, cols))
                 else:  # Keller Jordan's original scaling for non-square matrices
                     lr = group["lr"] * math.sqrt(max(1.0, rows / cols))
-                for (p, _), o in zip(items, ortho):
-                    p.mul_(1 - group["lr"] * group["weight_decay"])
-                    p.add_(o.to(p.dtype), alpha=-lr)
+                torch._foreach_add_([p for p, _ in items], list(ortho.to(items[0][0].dtype).unbind()), alpha=-lr)
 
 
 def adamw(groups, cfg, device_type):
@@ -122,9 +131,12 @@ def make_optimizer(model, cfg, device_type):
         rest = [(n, p) for n, p in named if not (p.dim() == 2 and n.startswith("transformer.h."))]
         muon_kwargs = dict(lr=cfg["muon_lr"], weight_decay=cfg["weight_decay"], momentum=cfg["muon_momentum"],
                            adjust_lr_fn="match_rms_adamw" if cfg["muon_match_adamw"] else "original")
-        # torch's Muon orthogonalises in bfloat16: right on GPUs, many times slower than float32 on most CPUs
-        muon_cls = torch.optim.Muon if device_type == "cuda" else MuonFloat32
-        muon = muon_cls([{"params": hidden, "base_lr": cfg["muon_lr"]}], **muon_kwargs)
+        muon_group = [{"params": hidden, "base_lr": cfg["muon_lr"]}]
+        if device_type == "cuda":
+            muon = torch.optim.Muon(muon_group, **muon_kwargs)
+        else:  # torch's Muon orthogonalises in bfloat16, which most CPUs emulate many times slower than float32
+            ns_dtype = torch.bfloat16 if device_type == "cpu" and runtime.cpu_has_native_bf16() else torch.float32
+            muon = BatchedMuon(muon_group, ns_dtype=ns_dtype, **muon_kwargs)
         groups = [{"params": [p for _, p in rest if p.dim() >= 2], "weight_decay": 0.0},
                   {"params": [p for _, p in rest if p.dim() < 2], "weight_decay": 0.0}]
         return Optimizers(muon, adamw(groups + embedding_group(0.0), cfg, device_type))

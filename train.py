@@ -532,6 +532,7 @@ class Run:
             self.raw_model.to(self.rt.device)
         if self.reference is not None and self.reference.model is not None:
             self.reference.model.to(self.rt.device)
+        self.attention_note = self.choose_attention_dtype()
         self.optimizer = make_optimizer(self.raw_model, cfg, self.rt.device_type)
         self.scaler = torch.amp.GradScaler(self.rt.device_type, enabled=self.rt.dtype == "float16")
         self.iter_num, self.best_val_loss, self.skipped, self.resumed_evaluated = 0, float("inf"), 0, True
@@ -677,6 +678,19 @@ class Run:
             print(f"{path} is already at iteration {self.iter_num} and max_iters is {self.cfg['max_iters']}: nothing "
                   f"to train; to go on, raise --max_iters (and set --lr_decay_iters to keep the schedule)")
 
+    def choose_attention_dtype(self):
+        """On a CPU under bfloat16 autocast, fused attention in whichever of bfloat16 and float32 trains
+        faster at this run's shape (timed); returns the line that says so, or ""."""
+        c = self.raw_model.config
+        if self.rt.device_type != "cpu" or self.rt.dtype == "float32" or c.attn_impl != "fused":
+            return ""
+        shape = (self.cfg["batch_size"], c.n_head, c.block_size, c.head_dim)
+        dtype, ms = runtime.cpu_attention_dtype(shape, getattr(torch, self.rt.dtype))
+        if dtype == torch.float32:
+            self.raw_model.set_sdpa_dtype(dtype)
+        times = ", ".join(f"{str(d).removeprefix('torch.')} {t:.1f} ms" for d, t in ms.items())
+        return f"attention in {str(dtype).removeprefix('torch.')}: the faster on this CPU ({times} a layer, timed)"
+
     def announce(self):
         if not self.rt.master:
             return
@@ -689,6 +703,8 @@ class Run:
               f"{', fsdp' if self.sharded else ''}")
         if self.task != "lm" or cfg["trainable"] != "all" or c.lora_rank:
             print(self.trainable_line)
+        if self.attention_note:
+            print(self.attention_note)
         busy = runtime.busy_cpu_note(rt.device)
         if busy:
             print(busy)

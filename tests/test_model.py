@@ -1,4 +1,6 @@
 """model.py: attention paths, causality, shapes, presets, the reference generate."""
+import warnings
+
 import pytest
 import torch
 
@@ -150,3 +152,40 @@ def test_mfu_is_achieved_flops_over_peak():
 def test_from_dict_leaves_out_unknown_keys_and_defaults_missing_ones():
     config = GPTConfig.from_dict({"n_layer": 3, "n_head": 2, "n_embd": 16, "a_future_key": 1})
     assert config.n_layer == 3 and config.norm == "layernorm" and not hasattr(config, "a_future_key")
+
+
+def test_qk_norm_under_bfloat16_autocast_normalises_in_bfloat16_with_the_fused_kernel():
+    # q and k leave the bfloat16 matmul in bfloat16; a float32 gain would send rms_norm to its slow
+    # composite path (with a warning) and promote q and k back to float32
+    model = tiny("llama_qknorm_mqa")
+    norm = model.transformer.h[0].attn.q_norm
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+    x = torch.randn(2, 4, 16, 8).bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16), warnings.catch_warnings():
+        warnings.simplefilter("error")
+        y = norm(x)
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y, torch.nn.functional.rms_norm(x, (8,), norm.weight.bfloat16(), norm.eps))
+
+
+def test_attention_computes_in_its_sdpa_dtype_under_autocast_and_returns_to_the_autocast_dtype(monkeypatch):
+    model = tiny("llama_qknorm_mqa").train()
+    seen = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(q, k, v, **kw):
+        seen.append((q.dtype, k.dtype, v.dtype))
+        return sdpa(q, k, v, **kw)
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    idx = torch.randint(0, 61, (2, 16))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        default, _ = model(idx, idx)
+    model.set_sdpa_dtype(torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        upcast, loss = model(idx, idx)
+    loss.backward()
+    assert seen[:2] == [(torch.bfloat16,) * 3] * 2 and seen[2:] == [(torch.float32,) * 3] * 2
+    assert upcast.dtype == default.dtype
+    assert all(p.grad is not None for p in model.transformer.h[0].attn.c_attn.parameters())
+    torch.testing.assert_close(upcast.float(), default.float(), atol=0.1, rtol=0)  # bfloat16 rounding apart

@@ -127,3 +127,14 @@ def test_a_busy_cpu_is_named_and_an_idle_one_or_a_gpu_is_not(monkeypatch):
     assert runtime.busy_cpu_note("cuda") == ""
     monkeypatch.setattr(os, "getloadavg", lambda: (cores - 0.5, 9.0, 9.0))  # the last minute is what counts
     assert runtime.busy_cpu_note("cpu") == ""
+
+
+def test_cpu_attention_dtype_times_both_dtypes_and_leaves_the_random_stream_alone():
+    torch.manual_seed(5)
+    expected = torch.rand(3)
+    torch.manual_seed(5)
+    dtype, ms = runtime.cpu_attention_dtype((2, 2, 16, 8), torch.bfloat16)
+    assert torch.equal(torch.rand(3), expected)
+    assert set(ms) == {torch.bfloat16, torch.float32} and all(t > 0 for t in ms.values())
+    assert dtype == min(ms, key=ms.get)
+    assert runtime.cpu_attention_dtype((2, 2, 16, 8), torch.float32) == (torch.float32, {})

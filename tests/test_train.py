@@ -165,12 +165,13 @@ def test_embedding_lr_gives_the_token_embedding_its_own_peak_and_leaves_the_rest
         k: v for k, v in lr_of(default).items() if k != id(wte)}
 
 
-def test_float32_muon_takes_the_steps_of_torch_muon():
-    from optim import MuonFloat32
+@pytest.mark.parametrize("ns_dtype", [torch.float32, torch.bfloat16])
+def test_batched_muon_takes_the_steps_of_torch_muon(ns_dtype):
+    from optim import BatchedMuon
     torch.manual_seed(0)
     ours = [torch.nn.Parameter(torch.randn(shape)) for shape in [(16, 48), (16, 48), (48, 16), (16, 16)]]
     theirs = [torch.nn.Parameter(p.detach().clone()) for p in ours]
-    opt_ours = MuonFloat32(ours, lr=0.02, weight_decay=0.1)
+    opt_ours = BatchedMuon(ours, lr=0.02, weight_decay=0.1, ns_dtype=ns_dtype)
     opt_theirs = torch.optim.Muon(theirs, lr=0.02, weight_decay=0.1)  # orthogonalises in bfloat16
     for _ in range(3):
         for a, b in zip(ours, theirs):
