@@ -322,20 +322,18 @@ class CausalSelfAttention(nn.Module):
             causal = False
             if mask is None and T > 1 and self.causal:
                 causal = True
+            dtype = q.dtype
+            if self.sdpa_dtype is not None and self.sdpa_dtype != dtype:
+                q, k, v = q.to(self.sdpa_dtype), k.to(self.sdpa_dtype), v.to(self.sdpa_dtype)
             if mask is not None and mask.dtype != torch.bool:
                 mask = mask.to(q.dtype)
-            dtype = q.dtype
-            if self.sdpa_dtype is not None and self.sdpa_dtype != dtype:  # out of autocast, which would cast back
-                with torch.autocast(q.device.type, enabled=False):
-                    y = F.scaled_dot_product_attention(
-                        q.to(self.sdpa_dtype), k.to(self.sdpa_dtype), v.to(self.sdpa_dtype),
-                        attn_mask=mask if mask is None or mask.dtype == torch.bool else mask.to(self.sdpa_dtype),
-                        dropout_p=self.dropout if self.training else 0.0, is_causal=causal,
-                        enable_gqa=Hkv != H).to(dtype)
-            else:
+            # in another dtype than autocast's, out of autocast, which would cast q, k and v back
+            ctx = torch.autocast(q.device.type, enabled=False) if q.dtype != dtype else contextlib.nullcontext()
+            with ctx:
                 y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
                                                    dropout_p=self.dropout if self.training else 0.0,
                                                    is_causal=causal, enable_gqa=Hkv != H)
+            y = y.to(dtype)
         else:
             # each group of H/Hkv consecutive query heads shares one key/value head
             k, v = k.repeat_interleave(H // Hkv, dim=1), v.repeat_interleave(H // Hkv, dim=1)
@@ -531,12 +529,12 @@ class GPT(nn.Module):
             cache.advance(T)
         return self.transformer.ln_f(x)
 
-    @torch.no_grad()
     def set_sdpa_dtype(self, dtype):
         """Have every layer's fused attention compute in dtype (None: in its inputs' dtype, the default)."""
         for block in self.transformer.h:
             block.attn.sdpa_dtype = dtype
 
+    @torch.no_grad()
     def attention_maps(self, idx):
         """idx (B, T) -> one (B, H, T, T) tensor per layer: the attention weights that the explicit path
         computes (the fused path's numbers, which it does not expose), for pictures (visualize.py)."""

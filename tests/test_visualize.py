@@ -43,6 +43,14 @@ def test_attention_maps_leave_the_model_as_it_was():
     torch.testing.assert_close(before, after, rtol=0, atol=0)
 
 
+def test_attention_maps_build_no_autograd_graph():
+    model = lively_gpt()
+    seen = []
+    model.transformer.ln_f.register_forward_hook(lambda module, args, out: seen.append(out.requires_grad))
+    model.attention_maps(torch.arange(10)[None] % 29)
+    assert seen == [False]
+
+
 def test_the_logit_lens_last_layer_is_the_models_own_prediction():
     model = lively_gpt(positions="rope")
     ids = [3, 1, 4, 1, 5, 9, 2, 6]
